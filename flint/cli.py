@@ -1,0 +1,363 @@
+"""The `flint` command: run a node, run a local region, manage functions, invoke them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from wire.errors import FlintError
+
+EXIT_FUNCTION_ERROR = 1
+EXIT_USAGE = 2
+EXIT_SERVICE_ERROR = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args) or 0
+    except FlintError as err:
+        print(f"error: {err}", file=sys.stderr)
+        hint = _hint(err)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        from nodes.config import ConfigError
+        from nodes.local import RegionError
+
+        if isinstance(err, (RegionError, ConfigError)):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flint.client import DEFAULT_REGION_DIR
+
+    p = argparse.ArgumentParser(
+        prog="flint",
+        description="Flint: serverless functions on your own hosts. Start with `flint demo`, "
+        "or `flint cluster up` and then `flint function create` / `flint invoke`.",
+    )
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    node = sub.add_parser("node", help="run one host's Flint node (roles from its config)")
+    node.add_argument("--config", required=True, help="the node's TOML config (see nodes/config.py for keys)")
+    node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    node.set_defaults(func=cmd_node)
+
+    region_help = f"region directory (default {DEFAULT_REGION_DIR}, or $FLINT_REGION)"
+
+    cluster = sub.add_parser("cluster", help="a local region: every node a process on its own loopback address")
+    csub = cluster.add_subparsers(metavar="ACTION")
+    up = csub.add_parser("up", help="start a local region, wait until healthy, print its nodes")
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--azs", type=int, default=3, help="availability zones; one control replica each (default 3)")
+    up.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+    up.add_argument("--base-ip", default="127.77.0.1", help="first node's loopback address (default 127.77.0.1)")
+    up.add_argument("--keep-alive-s", type=float, help="idle sandbox keep-alive in seconds (default 600)")
+    up.add_argument("--timeout-s", type=float, default=90.0, help="how long to wait for health (default 90)")
+    up.set_defaults(func=cmd_cluster_up)
+    st = csub.add_parser("status", help="nodes, AZs, roles, health, Raft roles (L=leader, F=follower)")
+    st.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_cluster_status)
+    down = csub.add_parser("down", help="stop every node of the local region (SIGTERM, then SIGKILL)")
+    down.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+    down.add_argument("--purge", action="store_true", help="also delete the region directory and its data")
+    down.set_defaults(func=cmd_cluster_down)
+    cluster.set_defaults(func=lambda a: _usage(cluster))
+
+    fn = sub.add_parser("function", help="create, get, list, delete functions")
+    fsub = fn.add_subparsers(metavar="ACTION")
+    create = fsub.add_parser("create", help="upload code and create a function")
+    create.add_argument("name")
+    create.add_argument("--code", required=True, type=Path, help="a directory (zipped for you) or a .zip file")
+    create.add_argument("--handler", required=True, help="module.function, e.g. handler.handle")
+    create.add_argument("--memory-mb", type=int, default=128, help="128 to 10240 (default 128)")
+    create.add_argument("--timeout-s", type=float, default=3.0, help="up to 900 (default 3)")
+    create.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable; repeat")
+    create.set_defaults(func=cmd_function_create)
+    get = fsub.add_parser("get", help="show a function's configuration")
+    get.add_argument("name")
+    get.set_defaults(func=cmd_function_get)
+    ls = fsub.add_parser("list", help="list your functions")
+    ls.set_defaults(func=cmd_function_list)
+    rm = fsub.add_parser("delete", help="delete a function")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_function_delete)
+    for sp in (create, get, ls, rm):
+        sp.add_argument("--region", type=Path, default=None, help=region_help)
+    fn.set_defaults(func=lambda a: _usage(fn))
+
+    inv = sub.add_parser("invoke", help="invoke a function and print its result")
+    inv.add_argument("name", help="function name, optionally NAME:QUALIFIER")
+    inv.add_argument("--payload", default=None, help="JSON event, or - to read it from stdin")
+    inv.add_argument("--type", dest="invocation_type", default="RequestResponse",
+                     choices=["RequestResponse", "DryRun"], help="invocation type (default RequestResponse)")
+    inv.add_argument("--log-tail", action="store_true", help="print the last 4 KB of the function's log to stderr")
+    inv.add_argument("--region", type=Path, default=None, help=region_help)
+    inv.set_defaults(func=cmd_invoke)
+
+    demo = sub.add_parser("demo", help="start a 3-AZ local region, deploy examples/hello, invoke it, tear down")
+    demo.add_argument("--dir", type=Path, default=None, help="region directory (default: a fresh temporary one)")
+    demo.add_argument("--base-ip", default="127.77.0.1", help="first node's loopback address")
+    demo.add_argument("--keep", action="store_true", help="leave the region running afterwards")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_USAGE
+
+
+# --- node ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from nodes.daemon import main as node_main
+
+    return node_main(args.config, log_level=args.log_level)
+
+
+# --- cluster -------------------------------------------------------------------------------------------------------
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from nodes.local import Region
+
+    region = Region(args.dir)
+    if region.exists:
+        running = [n["node_id"] for n in region.nodes() if region.pid(n["node_id"])]
+        if running:
+            print(f"region at {region.root} is already running ({', '.join(running)}); restarting stopped nodes")
+        else:
+            print(f"restarting the stopped region at {region.root} (its data is kept)")
+    else:
+        settings = {"keep_alive_s": args.keep_alive_s} if args.keep_alive_s else None
+        region = Region.create(args.dir, nodes=args.nodes, azs=args.azs, base_ip=args.base_ip, settings=settings)
+        print(f"created a region of {args.nodes} nodes in {args.azs} AZs at {region.root}")
+    region.start()
+    _wait(region, args.timeout_s)
+    region.ensure_tenant()
+    print_table(region.status())
+    print(f"\ntenant 'default' key: {region.root / 'tenants' / 'default.key_secret'}")
+    print(f"try: flint function create hello --code examples/hello --handler handler.handle --region {region.root}")
+    return 0
+
+
+def _wait(region: Any, timeout_s: float) -> None:
+    started = time.monotonic()
+    last = [0.0]
+
+    def progress(rows: list[dict]) -> None:
+        if time.monotonic() - last[0] >= 2.0:
+            last[0] = time.monotonic()
+            healthy = sum(1 for r in rows if r["health"] == "healthy")
+            print(f"  waiting for health: {healthy}/{len(rows)} nodes healthy "
+                  f"({time.monotonic() - started:.0f}s)", flush=True)
+
+    region.wait_healthy(timeout_s, progress=progress)
+    print(f"region healthy in {time.monotonic() - started:.1f}s")
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from nodes.local import Region
+
+    rows = Region(args.dir).status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
+    return 0 if all(r["health"] == "healthy" for r in rows) else 1
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from nodes.local import Region
+
+    region = Region(args.dir)
+    result = region.down(remove=args.purge)
+    for node_id, clean in result.items():
+        print(f"{node_id}: {'stopped' if clean else 'killed (did not stop within 15s)'}")
+    if args.purge:
+        print(f"removed {region.root}")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["node", "az", "address", "roles", "process", "health", "raft", "isolation", "sandboxes"]
+    table = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# --- functions -----------------------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    from flint.client import Client
+
+    return Client.from_region(getattr(args, "region", None))
+
+
+def cmd_function_create(args: argparse.Namespace) -> int:
+    env = {}
+    for item in args.env:
+        if "=" not in item:
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        env[k] = v
+    if not args.code.exists():
+        raise FileNotFoundError(f"--code {args.code}: no such file or directory")
+    with _client(args) as client:
+        config = client.create_function(
+            args.name, code=args.code, handler=args.handler, memory_mb=args.memory_mb, timeout_s=args.timeout_s,
+            environment=env,
+        )
+    print(json.dumps(config, indent=2))
+    return 0
+
+
+def cmd_function_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(client.get_function(args.name), indent=2))
+    return 0
+
+
+def cmd_function_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        functions = client.list_functions()
+    if not functions:
+        print("no functions yet: flint function create NAME --code DIR --handler module.function")
+    for f in functions:
+        print(f"{f['name']:<32} {f['handler']:<28} {f['memory_mb']:>6} MB {f['timeout_s']:>7.1f} s  "
+              f"{f['code_sha256'][:12]}")
+    return 0
+
+
+def cmd_function_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_function(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+# --- invoke --------------------------------------------------------------------------------------------------------
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    payload: bytes | None = None
+    if args.payload == "-":
+        payload = sys.stdin.buffer.read()
+    elif args.payload is not None:
+        payload = args.payload.encode()
+    if payload:
+        try:
+            json.loads(payload)
+        except ValueError as exc:
+            raise ValueError(f"--payload is not valid JSON ({exc}); quote it, e.g. --payload '{{\"k\": 1}}'") from None
+    name, _, qualifier = args.name.partition(":")
+    with _client(args) as client:
+        result = client.invoke(
+            name, payload, qualifier=qualifier or None, invocation_type=args.invocation_type, log_tail=args.log_tail
+        )
+    status = f"StatusCode: {result.status_code}  RequestId: {result.request_id}"
+    if result.executed_version:
+        status += f"  ExecutedVersion: {result.executed_version}"
+    if result.function_error:
+        status += f"  FunctionError: {result.function_error}"
+    print(status, file=sys.stderr)
+    if result.log_tail:
+        print(result.log_tail.rstrip("\n"), file=sys.stderr)
+    if result.payload:
+        sys.stdout.write(result.payload.decode(errors="replace") + "\n")
+    return EXIT_FUNCTION_ERROR if result.function_error else 0
+
+
+# --- demo ----------------------------------------------------------------------------------------------------------
+
+
+def example_dir(name: str) -> Path:
+    candidates = [Path(__file__).resolve().parent.parent / "examples" / name, Path.cwd() / "examples" / name]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise FileNotFoundError(f"examples/{name} not found; run `flint demo` from a checkout of the Flint repository")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flint.client import Client
+    from nodes.local import Region
+
+    code = example_dir("hello")
+    root = args.dir or Path(tempfile.mkdtemp(prefix="flint-demo-"))
+    print(f"1. starting a local region: 3 nodes, 3 AZs, one Raft replica per AZ ({root})", flush=True)
+    region = Region.create(root, nodes=3, azs=3, base_ip=args.base_ip)
+    ok = False
+    try:
+        region.start()
+        _wait(region, 90)
+        region.ensure_tenant()
+        print_table(region.status())
+        client = Client.from_region(root)
+        try:
+            print(f"\n2. creating function 'hello' from {code}", flush=True)
+            config = client.create_function("hello", code=code, handler="handler.handle")
+            print(f"   code sha256 {config['code_sha256'][:16]}..., {config['memory_mb']} MB, "
+                  f"timeout {config['timeout_s']} s")
+            print("\n3. invoking it", flush=True)
+            for i, who in enumerate(["Ada", "Grace", "Barbara"]):
+                began = time.perf_counter()
+                result = client.invoke("hello", {"name": who}, log_tail=(i == 0))
+                ms = (time.perf_counter() - began) * 1000
+                body = result.json()
+                kind = "cold" if result.cold_start else "warm"
+                print(f"   {kind} invoke {ms:7.1f} ms -> {json.dumps(body)}")
+                if result.function_error:
+                    raise RuntimeError(f"the example function failed: {result.payload.decode()}")
+        finally:
+            client.close()
+        ok = True
+        print("\n4. the sandbox stayed warm: 'invocations' grew across invokes")
+    finally:
+        if args.keep:
+            print(f"\nregion left running; stop it with: flint cluster down --dir {root}")
+        else:
+            print("\n5. tearing the region down", flush=True)
+            region.down(remove=args.dir is None)
+    print("demo finished" if ok else "demo failed", flush=True)
+    return 0 if ok else 1
+
+
+def _hint(err: FlintError) -> str | None:
+    name = err.type_name
+    if name == "ResourceNotFoundException":
+        return "list your functions with `flint function list`"
+    if name == "TooManyRequestsException":
+        return "the concurrency limit is in use; retry with backoff"
+    if err.reason in ("NotSent", "Timeout", "ConnectionLost"):
+        return "is the region up? check `flint cluster status`"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A node's configuration: one TOML file per host. Every tunable has its default and unit here.
+
+    node_id = "n1"
+    az = "az1"
+    address = "10.0.1.5"            # the cluster address; every Flint port binds only here
+    roles = ["control", "frontend", "manager", "worker"]
+    control_nodes = ["10.0.1.5", "10.0.2.5", "10.0.3.5"]   # addresses of the nodes with role "control"
+    data_dir = "/var/lib/flint"
+
+    [ports]        # optional; these are the defaults
+    frontend = 7100
+    ...
+    [settings]     # optional; see Settings below
+    keep_alive_s = 600
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from wire.messages import ROLES
+
+RAFT_GROUPS = ("control", "counting", "placement")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ports:
+    frontend: int = 7100
+    manager: int = 7101
+    worker: int = 7102
+    registry: int = 7103
+    counting: int = 7104
+    placement: int = 7105
+    admin: int = 7106
+    raft_control: int = 7200
+    raft_counting: int = 7201
+    raft_placement: int = 7202
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    heartbeat_interval_s: float = 0.5  # placement agent -> placement
+    missed_heartbeats: int = 3  # a node is unhealthy after this many missed intervals
+    keep_alive_s: float = 600.0  # an idle sandbox is reaped after this long
+    function_cache_ttl_s: float = 2.0  # how long a frontend trusts its copy of a function's config
+    code_cache_mb: int = 2048  # unpacked code kept per worker host
+    role_restarts: int = 5  # a role that crashes more often than this within role_restart_window_s ends the node
+    role_restart_window_s: float = 60.0
+    max_sandboxes: int = 256  # per worker host
+    shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight invokes get this long to finish
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    az: str
+    address: str
+    roles: tuple[str, ...]
+    control_nodes: tuple[str, ...]
+    data_dir: Path
+    ports: Ports = Ports()
+    settings: Settings = Settings()
+
+    @classmethod
+    def load(cls, path: Path | str) -> NodeConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> NodeConfig:
+        def need(key: str, kind: type) -> Any:
+            if key not in raw:
+                raise ConfigError(f"{source}: '{key}' is required")
+            if not isinstance(raw[key], kind):
+                raise ConfigError(f"{source}: '{key}' must be a {kind.__name__}")
+            return raw[key]
+
+        roles = tuple(need("roles", list))
+        for role in roles:
+            if role not in ROLES:
+                raise ConfigError(f"{source}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+        control_nodes = tuple(need("control_nodes", list))
+        if not control_nodes:
+            raise ConfigError(f"{source}: 'control_nodes' must list at least one address")
+        address = need("address", str)
+        if "control" in roles and address not in control_nodes:
+            raise ConfigError(f"{source}: this node has role control, so its address must be in control_nodes")
+        ports = _sub(Ports, raw.get("ports", {}), f"{source} [ports]")
+        settings = _sub(Settings, raw.get("settings", {}), f"{source} [settings]")
+        known = {"node_id", "az", "address", "roles", "control_nodes", "data_dir", "ports", "settings"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {', '.join(sorted(unknown))}")
+        return cls(
+            node_id=need("node_id", str),
+            az=need("az", str),
+            address=address,
+            roles=roles,
+            control_nodes=control_nodes,
+            data_dir=Path(need("data_dir", str)),
+            ports=ports,
+            settings=settings,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "az": self.az,
+            "address": self.address,
+            "roles": list(self.roles),
+            "control_nodes": list(self.control_nodes),
+            "data_dir": str(self.data_dir),
+            "ports": self.ports.as_dict(),
+            "settings": dataclasses.asdict(self.settings),
+        }
+
+    def endpoint(self, service: str, address: str | None = None) -> str:
+        return f"tcp://{address or self.address}:{getattr(self.ports, service)}"
+
+    def bind_endpoint(self, service: str) -> str:
+        return self.endpoint(service)
+
+    def raft_address(self, group: str, address: str | None = None) -> str:
+        return f"{address or self.address}:{getattr(self.ports, 'raft_' + group)}"
+
+    def control_endpoints(self, service: str) -> list[str]:
+        """This node's own control service first (if it has one), then the others."""
+        addresses = sorted(self.control_nodes, key=lambda a: a != self.address)
+        return [self.endpoint(service, a) for a in addresses]
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def memory_mb(self) -> int:
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().total / (1024 * 1024))
+        except Exception:
+            return 0
+
+    @property
+    def cores(self) -> int:
+        return os.cpu_count() or 1
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _sub(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys are {', '.join(fields)}")
+        default = getattr(cls(), key)
+        if isinstance(default, bool) or not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number")
+        values[key] = type(default)(value)
+    return cls(**values)

@@ -1,0 +1,220 @@
+"""The node daemon: runs one host's roles under a supervisor.
+
+A role that crashes is restarted with backoff; one that crashes more than `role_restarts` times within
+`role_restart_window_s` ends the node with a non-zero exit, so a host is never left half alive. SIGTERM stops
+every role (sandboxes included), closes the Raft groups and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+import uvloop
+
+from nodes.config import RAFT_GROUPS, NodeConfig
+from nodes.runtime import Runtime
+from wire import log as flog
+from wire import messages as m
+from wire.raft import GroupConfig, RaftGroup, cluster_password
+from wire.sockets import Request
+
+log = structlog.get_logger("node")
+
+EXIT_ROLE_FAILED = 3
+
+
+class InjectedCrash(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class RoleRunner:
+    name: str
+    factory: Callable[[], Awaitable[None]]
+    restarts: list[float] = dataclasses.field(default_factory=list)
+    state: str = "starting"
+    crash: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    async def run_once(self) -> None:
+        role = asyncio.get_running_loop().create_task(self.factory(), name=f"role:{self.name}")
+        fault = asyncio.get_running_loop().create_task(self.crash.wait())
+        self.state = "running"
+        try:
+            done, _ = await asyncio.wait({role, fault}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fault.cancel()
+        if fault in done and not role.done():
+            role.cancel()
+            await asyncio.gather(role, return_exceptions=True)
+            self.crash.clear()
+            raise InjectedCrash(f"fault injected into role {self.name}")
+        await role  # raises what the role raised; a role that returns is also a failure
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.rt: Runtime | None = None
+        self.roles: dict[str, RoleRunner] = {}
+        self.started = time.time()
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+
+    async def run(self) -> int:
+        c = self.config
+        flog.bind(node=c.node_id, az=c.az)
+        self.rt = rt = Runtime(c)
+        rt.auth.start()
+        if "control" in c.roles:
+            self._start_raft(rt)
+        self._plan_roles(rt)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info("node.starting", roles=list(c.roles), address=c.address, pid=os.getpid())
+        tasks = [loop.create_task(self._supervise(r), name=f"supervise:{r.name}") for r in self.roles.values()]
+        await self._stop.wait()
+        log.info("node.stopping", exit_code=self.exit_code)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        rt.close()
+        log.info("node.stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _start_raft(self, rt: Runtime) -> None:
+        c = self.config
+        from counting.state import CountingState
+        from placement.state import PlacementState
+        from registry.state import RegistryState
+
+        password = cluster_password(c.keys_dir)
+        states = {
+            "control": RegistryState(),
+            "counting": CountingState(),
+            "placement": PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats),
+        }
+        for group in RAFT_GROUPS:
+            peers = [c.raft_address(group, a) for a in c.control_nodes if a != c.address]
+            cfg = GroupConfig(group, c.raft_address(group), peers, c.data_dir / "raft", password)
+            rt.groups[group] = RaftGroup(cfg, states[group])
+
+    def _plan_roles(self, rt: Runtime) -> None:
+        c = self.config
+        plans: dict[str, Callable[[], Awaitable[None]]] = {"admin": self._admin, "agent": self._agent}
+        if "control" in c.roles:
+            plans["control"] = self._control
+        if "worker" in c.roles:
+            plans["worker"] = self._worker
+        if "manager" in c.roles:
+            plans["manager"] = self._manager
+        if "frontend" in c.roles:
+            plans["frontend"] = self._frontend
+        self.roles = {name: RoleRunner(name, factory) for name, factory in plans.items()}
+
+    async def _supervise(self, runner: RoleRunner) -> None:
+        settings = self.config.settings
+        while True:
+            try:
+                await runner.run_once()
+                raise RuntimeError(f"role {runner.name} returned")
+            except asyncio.CancelledError:
+                runner.state = "stopped"
+                raise
+            except Exception as exc:
+                now = time.monotonic()
+                runner.restarts = [t for t in runner.restarts if now - t < settings.role_restart_window_s]
+                runner.restarts.append(now)
+                runner.state = "restarting"
+                if len(runner.restarts) > settings.role_restarts:
+                    log.error("role.giving_up", role=runner.name, restarts=len(runner.restarts), error=str(exc))
+                    runner.state = "failed"
+                    self.exit_code = EXIT_ROLE_FAILED
+                    self._stop.set()
+                    return
+                backoff = min(5.0, 0.2 * 2 ** (len(runner.restarts) - 1))
+                log.warning("role.crashed", role=runner.name, error=repr(exc), restart_in_s=backoff,
+                            exc_info=not isinstance(exc, InjectedCrash))
+                await asyncio.sleep(backoff)
+
+    # --- roles ---------------------------------------------------------------------------------------------------
+
+    async def _control(self) -> None:
+        from counting.service import CountingService
+        from placement.service import PlacementService
+        from registry.service import RegistryService
+
+        rt = self.rt
+        assert rt is not None
+        await asyncio.gather(
+            RegistryService(rt, rt.groups["control"]).run(),
+            CountingService(rt, rt.groups["counting"]).run(),
+            PlacementService(rt, rt.groups["placement"]).run(),
+        )
+
+    async def _worker(self) -> None:
+        from worker.service import WorkerService
+
+        assert self.rt is not None
+        await WorkerService(self.rt).run()
+
+    async def _manager(self) -> None:
+        from manager.service import ManagerService
+
+        assert self.rt is not None
+        await ManagerService(self.rt).run()
+
+    async def _frontend(self) -> None:
+        from frontend.service import FrontendService
+
+        assert self.rt is not None
+        await FrontendService(self.rt).run()
+
+    async def _agent(self) -> None:
+        from placement.agent import PlacementAgent
+
+        assert self.rt is not None
+        await PlacementAgent(self.rt).run()
+
+    async def _admin(self) -> None:
+        assert self.rt is not None
+        server = self.rt.server("admin", {m.NodeStatus: self._status, m.InjectFault: self._inject})
+        await server.serve()
+
+    async def _status(self, req: Request) -> dict:
+        assert self.rt is not None
+        c = self.config
+        return {
+            "node_id": c.node_id,
+            "az": c.az,
+            "address": c.address,
+            "roles": list(c.roles),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "role_states": {n: {"state": r.state, "restarts": len(r.restarts)} for n, r in self.roles.items()},
+            "raft": {name: g.status() for name, g in self.rt.groups.items()},
+            "isolation": self.rt.facts.get("isolation"),
+            "sandboxes": self.rt.facts.get("sandboxes", 0),
+        }
+
+    async def _inject(self, req: Request) -> dict:
+        runner = self.roles.get(req.msg.role)
+        if runner is None:
+            from wire.errors import ResourceNotFoundException
+
+            raise ResourceNotFoundException(f"node {self.config.node_id} has no role {req.msg.role}")
+        log.warning("fault.injected", role=req.msg.role, fault=req.msg.fault)
+        runner.crash.set()
+        return {"role": req.msg.role, "fault": req.msg.fault}
+
+
+def main(config_path: str, *, log_level: str = "info") -> int:
+    config = NodeConfig.load(config_path)
+    flog.configure(level=log_level)
+    return uvloop.run(Node(config).run())

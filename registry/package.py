@@ -1,0 +1,108 @@
+"""Code packages: building a zip from a directory, refusing unsafe zips, and unpacking a verified one."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from wire.errors import InvalidParameterValueException
+
+UNZIPPED_MAX_BYTES = 250 * 1024 * 1024
+MAX_ENTRIES = 20_000
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def zip_directory(root: Path) -> bytes:
+    """A deterministic zip of `root`: same files, same bytes, same sha256, so re-uploads are recognised."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidParameterValueException(f"{root} is not a directory")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if "__pycache__" in path.parts or path.is_symlink() or not path.is_file():
+                continue
+            info = zipfile.ZipInfo(rel, date_time=_FIXED_TIME)
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+    return buf.getvalue()
+
+
+def validate_zip(data: bytes, *, unzipped_max_bytes: int = UNZIPPED_MAX_BYTES) -> int:
+    """Refuse a zip that could write outside its directory or fill the disk. Returns its unzipped size."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise InvalidParameterValueException(f"code is not a valid zip file: {exc}") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ENTRIES:
+            raise InvalidParameterValueException(f"zip has {len(infos)} entries; at most {MAX_ENTRIES} are allowed")
+        total = 0
+        for info in infos:
+            _check_name(info.filename)
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind == stat.S_IFLNK:
+                raise InvalidParameterValueException(
+                    f"zip entry {info.filename!r} is a symbolic link; links are refused (they can point out of the tree)"
+                )
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise InvalidParameterValueException(f"zip entry {info.filename!r} is not a file or directory")
+            total += info.file_size
+            if total > unzipped_max_bytes:
+                raise InvalidParameterValueException(
+                    f"unzipped code exceeds {unzipped_max_bytes // (1024 * 1024)} MB; make the package smaller"
+                )
+        return total
+
+
+def _check_name(name: str) -> None:
+    if not name or "\x00" in name or "\\" in name:
+        raise InvalidParameterValueException(f"zip entry name {name!r} is not allowed")
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith("/"):
+        raise InvalidParameterValueException(f"zip entry {name!r} has an absolute path; paths must be relative")
+    if ".." in path.parts:
+        raise InvalidParameterValueException(f"zip entry {name!r} contains '..'; paths must stay inside the package")
+
+
+def unpack(data: bytes, dest: Path, *, unzipped_max_bytes: int = UNZIPPED_MAX_BYTES) -> int:
+    """Unpack a validated zip into `dest` (created; replaced atomically). Returns bytes written."""
+    validate_zip(data, unzipped_max_bytes=unzipped_max_bytes)
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    written = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            target = tmp / info.filename
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > unzipped_max_bytes:  # the header may lie about sizes; the stream cannot
+                        raise InvalidParameterValueException("unzipped code exceeds the size limit")
+                    out.write(chunk)
+            mode = (info.external_attr >> 16) & 0o777
+            os.chmod(target, 0o755 if mode & 0o100 else 0o644)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(tmp, dest)
+    return written

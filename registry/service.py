@@ -1,0 +1,125 @@
+"""Registry service: function metadata through the `control` Raft group, code blobs on the control nodes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from nodes.runtime import Runtime
+from registry.blobs import BlobStore
+from registry.state import RegistryState
+from wire import messages as m
+from wire.errors import PeerUnavailable, ResourceNotFoundException, ServiceException
+from wire.raft import RaftGroup
+from wire.sockets import Reply, Request
+
+log = structlog.get_logger("registry")
+
+
+class RegistryService:
+    def __init__(self, rt: Runtime, group: RaftGroup):
+        self.rt = rt
+        self.group = group
+        self.blobs = BlobStore(rt.config.data_dir / "blobs")
+
+    async def run(self) -> None:
+        server = self.rt.server(
+            "registry",
+            {
+                m.RegistryCreateFunction: self.create_function,
+                m.RegistryGetFunction: self.get_function,
+                m.RegistryListFunctions: self.list_functions,
+                m.RegistryDeleteFunction: self.delete_function,
+                m.PutBlob: self.put_blob,
+                m.GetBlob: self.get_blob,
+                m.CreateTenant: self.create_tenant,
+                m.ListTenants: self.list_tenants,
+            },
+        )
+        await server.serve()
+
+    async def create_function(self, req: Request) -> dict:
+        config = req.msg.config
+        if not self.blobs.has(config.code_sha256):
+            await self._fetch_blob(config.code_sha256)
+        record = await self.group.submit(
+            "create_function", {"config": config.to_fields()}, request_id=req.id, timeout_s=req.remaining_s(5)
+        )
+        log.info("function.created", tenant=config.tenant, function=config.name, code_sha256=config.code_sha256)
+        return {"config": record}
+
+    async def get_function(self, req: Request) -> dict:
+        with self.group.machine.read() as state:
+            return {"config": state.get_function(req.msg.tenant, req.msg.name)}
+
+    async def list_functions(self, req: Request) -> dict:
+        with self.group.machine.read() as state:
+            return {"functions": state.list_functions(req.msg.tenant)}
+
+    async def delete_function(self, req: Request) -> dict:
+        await self.group.submit(
+            "delete_function",
+            {"tenant": req.msg.tenant, "name": req.msg.name},
+            request_id=req.id,
+            timeout_s=req.remaining_s(5),
+        )
+        log.info("function.deleted", tenant=req.msg.tenant, function=req.msg.name)
+        return {}
+
+    async def create_tenant(self, req: Request) -> dict:
+        record = await self.group.submit(
+            "create_tenant",
+            {"tenant": req.msg.tenant, "public_keys": list(req.msg.public_keys)},
+            request_id=req.id,
+            timeout_s=req.remaining_s(5),
+        )
+        return {"tenant": record}
+
+    async def list_tenants(self, req: Request) -> dict:
+        with self.group.machine.read() as state:
+            return {"tenants": state.list_tenants()}
+
+    async def put_blob(self, req: Request) -> dict:
+        """Store a blob here and, unless this is itself a replica push, on a majority of control nodes."""
+        data = req.payload or b""
+        await asyncio.to_thread(self.blobs.put, req.msg.sha256, data)
+        if not req.msg.replicate:
+            return {"copies": 1}
+        peers = [e for e in self.rt.config.control_endpoints("registry")[1:]]
+        needed = (len(peers) + 1) // 2 + 1  # a majority of all control nodes, this one included
+        results = await asyncio.gather(
+            *(
+                self.rt.pool.call(e, m.PutBlob(sha256=req.msg.sha256, replicate=False), data, timeout_s=10)
+                for e in peers
+            ),
+            return_exceptions=True,
+        )
+        copies = 1 + sum(1 for r in results if not isinstance(r, BaseException))
+        if copies < needed:
+            raise ServiceException(
+                f"code stored on only {copies} of {len(peers) + 1} control nodes; {needed} are needed. "
+                "Check that a majority of control nodes is up, then retry.",
+                reason="CodeNotReplicated",
+            )
+        return {"copies": copies}
+
+    async def get_blob(self, req: Request) -> Reply:
+        data = self.blobs.get(req.msg.sha256)
+        if data is None:
+            if req.msg.local_only:
+                raise ResourceNotFoundException(f"code blob {req.msg.sha256[:12]}... is not on this node")
+            data = await self._fetch_blob(req.msg.sha256)
+        return Reply({"size": len(data)}, data)
+
+    async def _fetch_blob(self, digest: str) -> bytes:
+        """A control node that missed a replica push pulls the blob from a peer."""
+        for endpoint in self.rt.config.control_endpoints("registry")[1:]:
+            try:
+                resp = await self.rt.pool.call(endpoint, m.GetBlob(sha256=digest, local_only=True), timeout_s=10)
+            except (PeerUnavailable, ResourceNotFoundException):
+                continue
+            if resp.payload is not None:
+                await asyncio.to_thread(self.blobs.put, digest, resp.payload)
+                return resp.payload
+        raise ResourceNotFoundException(f"code blob {digest[:12]}... is not on any reachable control node")

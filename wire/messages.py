@@ -1,0 +1,280 @@
+"""One small type per operation. The op name's prefix says which service answers it.
+
+Limits are Lambda's where Lambda has one; they live here so every service refuses the same thing the same way.
+"""
+
+from __future__ import annotations
+
+from wire.schema import (
+    Message,
+    any_map,
+    flag,
+    integer,
+    message,
+    nested,
+    number,
+    text,
+    text_list,
+    text_map,
+)
+
+MiB = 1024 * 1024
+SYNC_PAYLOAD_MAX_BYTES = 6 * MiB
+ASYNC_PAYLOAD_MAX_BYTES = 256 * 1024
+ZIP_MAX_BYTES = 50 * MiB
+NAME_MAX = 64
+HANDLER_MAX = 128
+ID_MAX = 64
+MEMORY_MB_MIN, MEMORY_MB_MAX = 128, 10240
+TIMEOUT_S_MAX = 900
+ENV_MAX_BYTES = 4096
+INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
+RUNTIMES = ("python3",)
+ROLES = ("control", "frontend", "manager", "worker")
+
+
+# --- shared shapes -----------------------------------------------------------------------------------------------
+
+
+@message()
+class FunctionConfig(Message):
+    """What a worker needs to build a sandbox, and what the registry stores."""
+
+    tenant: str = text(NAME_MAX)
+    name: str = text(NAME_MAX)
+    version: str = text(16, default="$LATEST")
+    handler: str = text(HANDLER_MAX)
+    runtime: str = text(32, default="python3", choices=RUNTIMES)
+    memory_mb: int = integer(MEMORY_MB_MIN, MEMORY_MB_MAX, default=128)
+    timeout_s: float = number(0.001, TIMEOUT_S_MAX, default=3.0)
+    environment: dict = text_map(256, default={})
+    code_sha256: str = text(64)
+    code_size: int = integer(0, ZIP_MAX_BYTES, default=0)
+    created_ms: int = integer(0, default=0)
+
+    @property
+    def key(self) -> str:
+        """The sandbox pool key: sandboxes are shared only by invokes of exactly this code and configuration."""
+        return f"{self.tenant}/{self.name}/{self.version}/{self.code_sha256[:16]}"
+
+
+@message()
+class NodeInfo(Message):
+    node_id: str = text(NAME_MAX)
+    az: str = text(NAME_MAX)
+    address: str = text(255)
+    roles: tuple = text_list(len(ROLES))
+    ports: dict = any_map()
+    memory_mb: int = integer(0, default=0)
+    cores: int = integer(0, default=0)
+    isolation: str = text(256, default="process")
+
+
+# --- frontend (tenant-facing) ------------------------------------------------------------------------------------
+
+
+@message("invoke", max_payload_bytes=SYNC_PAYLOAD_MAX_BYTES)
+class Invoke(Message):
+    function: str = text(NAME_MAX)
+    qualifier: str | None = text(NAME_MAX, default=None)
+    invocation_type: str = text(32, default="RequestResponse", choices=INVOCATION_TYPES)
+    log_tail: bool = flag(default=False)
+
+
+@message("create_function", max_payload_bytes=ZIP_MAX_BYTES)
+class CreateFunction(Message):
+    name: str = text(NAME_MAX)
+    handler: str = text(HANDLER_MAX)
+    runtime: str = text(32, default="python3", choices=RUNTIMES)
+    memory_mb: int = integer(MEMORY_MB_MIN, MEMORY_MB_MAX, default=128)
+    timeout_s: float = number(0.001, TIMEOUT_S_MAX, default=3.0)
+    environment: dict = text_map(256, default={})
+
+
+@message("get_function")
+class GetFunction(Message):
+    name: str = text(NAME_MAX)
+
+
+@message("list_functions")
+class ListFunctions(Message):
+    pass
+
+
+@message("delete_function")
+class DeleteFunction(Message):
+    name: str = text(NAME_MAX)
+
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+
+@message("registry.create_function")
+class RegistryCreateFunction(Message):
+    config: FunctionConfig = nested(FunctionConfig)
+
+
+@message("registry.get_function")
+class RegistryGetFunction(Message):
+    tenant: str = text(NAME_MAX)
+    name: str = text(NAME_MAX)
+
+
+@message("registry.list_functions")
+class RegistryListFunctions(Message):
+    tenant: str | None = text(NAME_MAX, default=None)
+
+
+@message("registry.delete_function")
+class RegistryDeleteFunction(Message):
+    tenant: str = text(NAME_MAX)
+    name: str = text(NAME_MAX)
+
+
+@message("registry.put_blob", max_payload_bytes=ZIP_MAX_BYTES)
+class PutBlob(Message):
+    sha256: str = text(64)
+    replicate: bool = flag(default=True)
+
+
+@message("registry.get_blob")
+class GetBlob(Message):
+    sha256: str = text(64)
+    local_only: bool = flag(default=False)  # set by a control node asking a peer, so no request goes round
+
+
+@message("registry.create_tenant")
+class CreateTenant(Message):
+    tenant: str = text(NAME_MAX)
+    public_keys: tuple = text_list(16)
+
+
+@message("registry.list_tenants")
+class ListTenants(Message):
+    pass
+
+
+# --- counting ----------------------------------------------------------------------------------------------------
+
+
+@message("counting.acquire")
+class Acquire(Message):
+    tenant: str = text(NAME_MAX)
+    slot_id: str = text(ID_MAX)
+    hold_s: float = number(0.001, TIMEOUT_S_MAX + 60)
+
+
+@message("counting.release")
+class Release(Message):
+    tenant: str = text(NAME_MAX)
+    slot_id: str = text(ID_MAX)
+
+
+@message("counting.set_limit")
+class SetLimit(Message):
+    tenant: str = text(NAME_MAX)
+    limit: int = integer(0, 1_000_000)
+
+
+@message("counting.status")
+class CountingStatus(Message):
+    tenant: str | None = text(NAME_MAX, default=None)
+
+
+# --- placement ---------------------------------------------------------------------------------------------------
+
+
+@message("placement.register")
+class Register(Message):
+    node: NodeInfo = nested(NodeInfo)
+
+
+@message("placement.heartbeat")
+class Heartbeat(Message):
+    node_id: str = text(NAME_MAX)
+    sandboxes: int = integer(0, default=0)
+    memory_used_mb: int = integer(0, default=0)
+
+
+@message("placement.list_nodes")
+class ListNodes(Message):
+    pass
+
+
+# --- worker manager ----------------------------------------------------------------------------------------------
+
+
+@message("manager.reserve")
+class Reserve(Message):
+    config: FunctionConfig = nested(FunctionConfig)
+    request_id: str = text(ID_MAX)
+    avoid_nodes: tuple = text_list(64, default=())
+
+
+@message("manager.release")
+class ManagerRelease(Message):
+    function_key: str = text(512)
+    sandbox_id: str = text(ID_MAX)
+    request_id: str = text(ID_MAX)
+    outcome: str = text(16, default="ok", choices=("ok", "gone", "node_failed"))
+
+
+@message("manager.status")
+class ManagerStatus(Message):
+    pass
+
+
+# --- worker ------------------------------------------------------------------------------------------------------
+
+
+@message("worker.create_sandbox")
+class CreateSandbox(Message):
+    sandbox_id: str = text(ID_MAX)
+    config: FunctionConfig = nested(FunctionConfig)
+    manager: str = text(255)
+
+
+@message("worker.run", max_payload_bytes=SYNC_PAYLOAD_MAX_BYTES)
+class Run(Message):
+    sandbox_id: str = text(ID_MAX)
+    request_id: str = text(ID_MAX)
+    function_key: str = text(512)
+    log_tail: bool = flag(default=False)
+
+
+@message("worker.destroy_sandbox")
+class DestroySandbox(Message):
+    sandbox_id: str = text(ID_MAX)
+
+
+@message("worker.list_sandboxes")
+class ListSandboxes(Message):
+    pass
+
+
+@message()
+class SandboxView(Message):
+    sandbox_id: str = text(ID_MAX)
+    function_key: str = text(512)
+    state: str = text(16)
+    manager: str = text(255)
+    invocations: int = integer(0)
+
+
+# --- node --------------------------------------------------------------------------------------------------------
+
+
+@message("node.status")
+class NodeStatus(Message):
+    pass
+
+
+@message("node.inject_fault")
+class InjectFault(Message):
+    """Operator fault injection on a local region: make one role crash, to see the supervisor act."""
+
+    role: str = text(32, choices=ROLES)
+    fault: str = text(32, choices=("crash",))
+
+
+__all__ = [name for name, obj in dict(globals()).items() if isinstance(obj, type) and issubclass(obj, Message)]

@@ -1,0 +1,201 @@
+"""A replicated state machine: a plain state object applied through a pysyncobj group.
+
+The state object has no I/O and no clock: every command names a `cmd_<op>` method and carries the proposer's
+timestamp, so every replica applies it identically. Commands carry a request id and are applied at most once
+(results are remembered for a bounded window), so a caller may retry any ambiguous outcome - leader change,
+timeout, lost connection - with the same id and get the first result back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from wire.errors import FlintError, ServiceException, from_reply
+
+log = structlog.get_logger("raft")
+
+# Measured on a 2-core box (see ARCHITECTURE.md): unbatched appends commit in ~1 ms; these timeouts give a new
+# leader within about a second of losing one.
+RAFT_TUNING = dict(
+    appendEntriesUseBatch=False,
+    raftMinTimeout=0.15,
+    raftMaxTimeout=0.3,
+    appendEntriesPeriod=0.03,
+    connectionTimeout=0.5,
+    connectionRetryTime=0.3,
+    leaderFallbackTimeout=0.5,
+)
+DEDUP_WINDOW = 50_000
+_RETRYABLE = {
+    FAIL_REASON.QUEUE_FULL,
+    FAIL_REASON.MISSING_LEADER,
+    FAIL_REASON.DISCARDED,
+    FAIL_REASON.NOT_LEADER,
+    FAIL_REASON.LEADER_CHANGED,
+    FAIL_REASON.UNKNOWN_OUTCOME,
+}
+
+
+class StateMachine(SyncObjConsumer):
+    """Applies commands to `state` at most once per request id. Reads go through `read()`, under the lock."""
+
+    def __init__(self, state: Any, dedup_window: int = DEDUP_WINDOW):
+        # Attributes set before SyncObjConsumer.__init__ are not part of the replicated snapshot.
+        self._lock = threading.RLock()
+        self._window = dedup_window
+        super().__init__()
+        self.state = state
+        self.applied: collections.OrderedDict[str, tuple[str, Any]] = collections.OrderedDict()
+        self.applied_count = 0
+
+    @replicated
+    def apply(self, request_id: str, ts: float, op: str, args: dict[str, Any]) -> tuple[str, Any]:
+        with self._lock:
+            done = self.applied.get(request_id)
+            if done is not None:
+                return done
+            try:
+                outcome: tuple[str, Any] = ("ok", getattr(self.state, "cmd_" + op)(now=ts, **args))
+            except FlintError as err:
+                outcome = ("err", err.to_wire())
+            except Exception as exc:  # a bug must fail the same way on every replica, not diverge them
+                outcome = ("err", ServiceException(f"{op} failed: {exc!r}", retryable=False).to_wire())
+            self.applied[request_id] = outcome
+            self.applied_count += 1
+            while len(self.applied) > self._window:
+                self.applied.popitem(last=False)
+            return outcome
+
+    def _deserialize(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            super()._deserialize(data)
+
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        with self._lock:
+            yield self.state
+
+
+@dataclasses.dataclass
+class GroupConfig:
+    name: str
+    self_address: str  # host:port, bound only there
+    peers: list[str]  # host:port of the other replicas
+    data_dir: Path
+    password: str
+
+
+class RaftGroup:
+    """One replica of a named Raft group, and an asyncio way to submit commands to it."""
+
+    def __init__(self, config: GroupConfig, state: Any, on_state_change: Callable[[int, int], None] | None = None):
+        self.config = config
+        self.machine = StateMachine(state)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = SyncObjConf(
+            password=config.password,
+            bindAddress=config.self_address,  # without it pysyncobj binds 0.0.0.0: its pickle port must stay private
+            journalFile=str(config.data_dir / f"{config.name}.journal"),
+            fullDumpFile=str(config.data_dir / f"{config.name}.dump"),
+            dynamicMembershipChange=True,
+            useFork=False,  # never fork a process that runs an event loop, ZeroMQ threads and sandboxes
+            logCompactionMinEntries=20_000,
+            logCompactionMinTime=60,
+            onStateChanged=on_state_change,
+            **RAFT_TUNING,
+        )
+        self.sync = SyncObj(config.self_address, config.peers, conf, consumers=[self.machine])
+        log.info("raft.started", group=config.name, address=config.self_address, peers=config.peers)
+
+    async def submit(
+        self, op: str, args: dict[str, Any], *, request_id: str, timeout_s: float = 3.0
+    ) -> Any:
+        """Commit `op(**args)` and return its result, or raise the error it raised on the replicas."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+        last_reason = "no attempt"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServiceException(
+                    f"the {self.config.name} group could not commit within {timeout_s:.1f}s ({last_reason}); "
+                    "a majority of its replicas may be down",
+                    reason="NoQuorum",
+                )
+            fut: asyncio.Future = loop.create_future()
+
+            def done(result: Any, err: int, fut: asyncio.Future = fut) -> None:
+                loop.call_soon_threadsafe(_settle, fut, result, err)
+
+            self.machine.apply(request_id, time.time(), op, args, callback=done)
+            try:
+                result, err = await asyncio.wait_for(fut, min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                last_reason = "no commit within 1s"
+                continue
+            if err == FAIL_REASON.SUCCESS:
+                kind, value = result
+                if kind == "ok":
+                    return value
+                raise from_reply(value)
+            last_reason = _reason_name(err)
+            if err not in _RETRYABLE:
+                raise ServiceException(f"{self.config.name} refused the command: {last_reason}")
+            await asyncio.sleep(0.02)  # same request id: a command that did commit is not applied twice
+
+    def status(self) -> dict[str, Any]:
+        raw = self.sync.getStatus()
+        leader = raw.get("leader")
+        return {
+            "group": self.config.name,
+            "self": self.config.self_address,
+            "state": {0: "follower", 1: "candidate", 2: "leader"}.get(raw.get("state"), str(raw.get("state"))),
+            "leader": str(leader) if leader is not None else None,
+            "term": raw.get("raft_term"),
+            "commit_idx": raw.get("commit_idx"),
+            "ready": self.sync.isReady(),
+            "applied": self.machine.applied_count,
+        }
+
+    @property
+    def has_leader(self) -> bool:
+        return self.sync._getLeader() is not None
+
+    def close(self) -> None:
+        self.sync.destroy()
+
+
+def _settle(fut: asyncio.Future, result: Any, err: int) -> None:
+    if not fut.done():
+        fut.set_result((result, err))
+
+
+def _reason_name(err: int) -> str:
+    for name, value in vars(FAIL_REASON).items():
+        if value == err and name.isupper():
+            return name
+    return str(err)
+
+
+def cluster_password(data_dir: Path) -> str:
+    """The cluster secret shared by every replica's peer port; read from the node's data dir."""
+    path = data_dir / "cluster.secret"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: every node needs the region's cluster secret")
+    return path.read_text().strip()
+
+
+def generate_secret() -> str:
+    return os.urandom(24).hex()

@@ -1,0 +1,222 @@
+"""Small immutable message types, validated on decode.
+
+A message type is a frozen dataclass whose fields are declared with `text()`, `integer()`, `flag()`, ... Each
+declaration carries its own bounds, so `Message.from_header()` refuses a wrong type, an oversized string or an
+out-of-range number in one place, with an `InvalidRequestContentException` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, TypeVar
+
+from wire.errors import InvalidRequestContentException
+
+_REQUIRED = dataclasses.MISSING
+M = TypeVar("M", bound="Message")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spec:
+    kind: str  # str | int | float | bool | bytes | str_list | str_map | map | nested | nested_list
+    max_len: int | None = None
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+    nested: type[Message] | None = None
+    optional: bool = False
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None:
+            if self.optional:
+                return None
+            raise InvalidRequestContentException(f"field '{name}' is required")
+        kind = self.kind
+        if kind == "str":
+            if not isinstance(value, str):
+                raise _wrong(name, "a string", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' is longer than {self.max_len} characters")
+            if self.choices is not None and value not in self.choices:
+                raise InvalidRequestContentException(f"field '{name}' must be one of {', '.join(self.choices)}")
+            return value
+        if kind == "int":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _wrong(name, "an integer", value)
+            self._range(name, value)
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise _wrong(name, "a finite number", value)
+            self._range(name, value)
+            return float(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise _wrong(name, "true or false", value)
+            return value
+        if kind == "bytes":
+            if not isinstance(value, bytes):
+                raise _wrong(name, "bytes", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' is longer than {self.max_len} bytes")
+            return value
+        if kind == "str_list":
+            if not isinstance(value, (list, tuple)):
+                raise _wrong(name, "a list of strings", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' has more than {self.max_len} items")
+            if not all(isinstance(v, str) and len(v) <= 4096 for v in value):
+                raise _wrong(name, "a list of strings", value)
+            return tuple(value)
+        if kind == "str_map":
+            if not isinstance(value, dict):
+                raise _wrong(name, "a map of strings", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' has more than {self.max_len} entries")
+            for k, v in value.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise _wrong(name, "a map of strings to strings", value)
+            return dict(value)
+        if kind == "map":
+            if not isinstance(value, dict):
+                raise _wrong(name, "a map", value)
+            return value
+        if kind == "nested":
+            assert self.nested is not None
+            if not isinstance(value, dict):
+                raise _wrong(name, "a map", value)
+            return self.nested.from_fields(value, prefix=f"{name}.")
+        if kind == "nested_list":
+            assert self.nested is not None
+            if not isinstance(value, (list, tuple)):
+                raise _wrong(name, "a list of maps", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' has more than {self.max_len} items")
+            out = []
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise _wrong(f"{name}[{i}]", "a map", item)
+                out.append(self.nested.from_fields(item, prefix=f"{name}[{i}]."))
+            return tuple(out)
+        raise AssertionError(f"unknown field kind {kind}")
+
+    def _range(self, name: str, value: float) -> None:
+        if self.min is not None and value < self.min:
+            raise InvalidRequestContentException(f"field '{name}' must be at least {self.min:g}")
+        if self.max is not None and value > self.max:
+            raise InvalidRequestContentException(f"field '{name}' must be at most {self.max:g}")
+
+
+def _wrong(name: str, expected: str, value: Any) -> InvalidRequestContentException:
+    return InvalidRequestContentException(f"field '{name}' must be {expected}, got {type(value).__name__}")
+
+
+def _field(spec: Spec, default: Any) -> Any:
+    if default is _REQUIRED:
+        return dataclasses.field(metadata={"spec": spec})
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"spec": spec})
+    return dataclasses.field(default=default, metadata={"spec": spec})
+
+
+def text(max_len: int = 256, *, default: Any = _REQUIRED, choices: tuple[str, ...] | None = None) -> Any:
+    return _field(Spec("str", max_len=max_len, choices=choices, optional=default is None), default)
+
+
+def integer(min: int | None = None, max: int | None = None, *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("int", min=min, max=max, optional=default is None), default)
+
+
+def number(min: float | None = None, max: float | None = None, *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("float", min=min, max=max, optional=default is None), default)
+
+
+def flag(*, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("bool", optional=default is None), default)
+
+
+def blob(max_len: int, *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("bytes", max_len=max_len, optional=default is None), default)
+
+
+def text_list(max_items: int = 64, *, default: Any = _REQUIRED) -> Any:
+    if isinstance(default, list):
+        default = tuple(default)
+    return _field(Spec("str_list", max_len=max_items, optional=default is None), default)
+
+
+def text_map(max_items: int = 256, *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("str_map", max_len=max_items, optional=default is None), default)
+
+
+def any_map(*, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("map", optional=default is None), default)
+
+
+def nested(cls: type[Message], *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("nested", nested=cls, optional=default is None), default)
+
+
+def nested_list(cls: type[Message], max_items: int = 100_000, *, default: Any = _REQUIRED) -> Any:
+    if isinstance(default, list):
+        default = tuple(default)
+    return _field(Spec("nested_list", nested=cls, max_len=max_items, optional=default is None), default)
+
+
+class Message:
+    """Base of every message type. Subclasses are frozen dataclasses (use the `@message` decorator)."""
+
+    op: ClassVar[str] = ""
+    max_payload_bytes: ClassVar[int] = 0
+    __slots__ = ()
+
+    @classmethod
+    def from_fields(cls: type[M], fields: dict[str, Any], *, prefix: str = "") -> M:
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            spec: Spec = f.metadata["spec"]
+            if f.name in fields:
+                values[f.name] = spec.check(prefix + f.name, fields[f.name])
+            elif f.default is _REQUIRED and f.default_factory is _REQUIRED:  # type: ignore[misc]
+                raise InvalidRequestContentException(f"field '{prefix}{f.name}' is required")
+        return cls(**values)
+
+    def to_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = _plain(value)
+        return out
+
+    def replace(self: M, **changes: Any) -> M:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.to_fields()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+OPS: dict[str, type[Message]] = {}
+
+
+def message(op: str | None = None, *, max_payload_bytes: int = 0):
+    """Declare a message type. With `op`, it is a request that servers can dispatch on."""
+
+    def wrap(cls: type[M]) -> type[M]:
+        cls = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        if op is not None:
+            if op in OPS:
+                raise AssertionError(f"op {op!r} declared twice")
+            cls.op = op
+            cls.max_payload_bytes = max_payload_bytes
+            OPS[op] = cls
+        return cls
+
+    return wrap

@@ -1,0 +1,223 @@
+"""The Python runtime inside a sandbox. Started by the worker as `python -I bootstrap.py HANDLER`.
+
+Contract with the worker (documented in the README):
+- fd 0 / fd 1 at start: the control channel. Each message is a 4-byte big-endian length and one msgpack map.
+  The bootstrap moves them aside, so the handler's stdout and stderr both go to fd 2 (the sandbox log).
+- First message out: {"t": "ready"} or {"t": "init_error", "error": {errorType, errorMessage, stackTrace}}.
+- Then per invoke, in: {"t": "invoke", "id", "deadline_ms", "payload", "log_tail"};
+  out: {"t": "result", "payload"} or {"t": "error", "error": {...}}, plus "log" (the last 4 KB) if asked.
+
+Imports only the standard library and msgpack: nothing of the node is loaded into a tenant's process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import logging
+import os
+import resource
+import signal
+import struct
+import sys
+import time
+import traceback
+
+import msgpack
+
+LOG_TAIL_BYTES = 4096
+LOG_ROTATE_BYTES = 1024 * 1024
+RESPONSE_MAX_BYTES = 6 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the worker died before prctl took effect
+        os._exit(1)
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.rfd = os.dup(0)
+        self.wfd = os.dup(1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(2, 1)  # the handler's stdout joins stderr in the sandbox log
+
+    def read(self) -> dict | None:
+        head = self._read_exact(4)
+        if head is None:
+            return None
+        (n,) = struct.unpack(">I", head)
+        body = self._read_exact(n)
+        if body is None:
+            return None
+        return msgpack.unpackb(body, raw=False)
+
+    def write(self, msg: dict) -> None:
+        body = msgpack.packb(msg, use_bin_type=True)
+        data = struct.pack(">I", len(body)) + body
+        view = memoryview(data)
+        while view:
+            n = os.write(self.wfd, view)
+            view = view[n:]
+
+    def _read_exact(self, n: int) -> bytes | None:
+        chunks = []
+        while n:
+            chunk = os.read(self.rfd, n)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+
+class Context:
+    """What Lambda's Python runtime passes as `context`."""
+
+    def __init__(self, request_id: str, deadline_ms: int):
+        env = os.environ
+        self.aws_request_id = request_id
+        self.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME", "")
+        self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        self.invoked_function_arn = f"flint:function:{self.function_name}"
+        self.log_group_name = f"/flint/{self.function_name}"
+        self.log_stream_name = env.get("FLINT_SANDBOX_ID", "")
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - int(time.time() * 1000))
+
+
+def error_map(exc: BaseException, error_type: str | None = None, message: str | None = None) -> dict:
+    stack = traceback.format_list(traceback.extract_tb(exc.__traceback__)[1:])
+    return {
+        "errorMessage": message if message is not None else str(exc),
+        "errorType": error_type or type(exc).__name__,
+        "stackTrace": stack,
+    }
+
+
+def load_handler(spec: str):
+    module_name, _, func_name = spec.rpartition(".")
+    if not module_name or not func_name:
+        raise _InitError("Runtime.MalformedHandlerName", f"Bad handler '{spec}': expected module.function")
+    try:
+        module = importlib.import_module(module_name.replace("/", "."))
+    except ModuleNotFoundError as exc:
+        raise _InitError("Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}") from exc
+    except SyntaxError as exc:
+        raise _InitError("Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {exc}") from exc
+    except Exception as exc:
+        raise _InitError("Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise _InitError("Runtime.HandlerNotFound", f"Handler '{func_name}' missing on module '{module_name}'")
+    return func
+
+
+class _InitError(Exception):
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def log_size() -> int:
+    try:
+        return os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
+def log_tail(start: int) -> str:
+    end = log_size()
+    begin = max(start, end - LOG_TAIL_BYTES)
+    if end <= begin:
+        return ""
+    try:
+        return os.pread(2, end - begin, begin).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    parent = int(os.environ.pop("FLINT_WORKER_PID", "0")) or os.getppid()
+    _die_with_parent(parent)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    channel = Channel()
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="[%(levelname)s]\t%(asctime)s\t%(message)s", force=True
+    )
+    sys.path.insert(0, os.getcwd())
+    try:
+        handler = load_handler(sys.argv[1])
+    except _InitError as exc:
+        traceback.print_exc()
+        channel.write({"t": "init_error", "error": error_map(exc, exc.error_type, str(exc))})
+        return
+    channel.write({"t": "ready"})
+    while True:
+        msg = channel.read()
+        if msg is None:
+            return  # the worker closed the channel: the sandbox is being retired
+        request_id = msg["id"]
+        start = log_size()
+        print(f"START RequestId: {request_id} Version: {os.environ.get('AWS_LAMBDA_FUNCTION_VERSION', '$LATEST')}")
+        began = time.perf_counter()
+        reply = invoke(handler, msg)
+        duration_ms = (time.perf_counter() - began) * 1000
+        print(f"END RequestId: {request_id}")
+        print(f"REPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if msg.get("log_tail"):
+            reply["log"] = log_tail(start)
+        channel.write(reply)
+        if log_size() > LOG_ROTATE_BYTES:
+            os.ftruncate(2, 0)
+
+
+def invoke(handler, msg: dict) -> dict:
+    request_id = msg["id"]
+    payload = msg.get("payload") or b""
+    try:
+        event = json.loads(payload) if payload else {}
+    except ValueError as exc:
+        return {"t": "error", "error": error_map(exc, "Runtime.UnmarshalError", f"Unable to parse event: {exc}")}
+    context = Context(request_id, msg["deadline_ms"])
+    try:
+        result = handler(event, context)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"t": "error", "error": error_map(exc)}
+    try:
+        body = json.dumps(result).encode()
+    except (TypeError, ValueError) as exc:
+        return {
+            "t": "error",
+            "error": error_map(exc, "Runtime.MarshalError", f"Unable to marshal response: {exc}"),
+        }
+    if len(body) > RESPONSE_MAX_BYTES:
+        return {
+            "t": "error",
+            "error": {
+                "errorType": "Function.ResponseSizeTooLarge",
+                "errorMessage": f"Response payload size ({len(body)} bytes) exceeded maximum allowed payload "
+                f"size ({RESPONSE_MAX_BYTES} bytes).",
+            },
+        }
+    return {"t": "result", "payload": body}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Worker service: makes sandboxes on this host, runs invokes in them, keeps the code cache."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import time
+from pathlib import Path
+
+import structlog
+
+from nodes.runtime import Runtime
+from registry.client import RegistryClient
+from registry.package import unpack
+from wire import messages as m
+from wire.errors import FlintError, ServiceException
+from wire.sockets import Reply, Request
+from worker.sandbox import ISOLATION, SandboxProcess
+from worker.state import CodeCache, SandboxEntry, WorkerState
+
+log = structlog.get_logger("worker")
+
+
+class WorkerService:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.state = WorkerState()
+        settings = rt.config.settings
+        self.cache = CodeCache(settings.code_cache_mb * 1024 * 1024)
+        self.processes: dict[str, SandboxProcess] = {}
+        self.registry = RegistryClient(rt.control("registry"))
+        self.code_root = rt.config.data_dir / "code"
+        self.run_root = rt.config.data_dir / "sandboxes"
+        self._code_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task] = set()
+        self._seq = itertools.count()
+        rt.facts["isolation"] = ISOLATION
+
+    async def run(self) -> None:
+        shutil.rmtree(self.run_root, ignore_errors=True)  # sandboxes never outlive their worker process
+        self.run_root.mkdir(parents=True, exist_ok=True)
+        server = self.rt.server(
+            "worker",
+            {
+                m.CreateSandbox: self.create_sandbox,
+                m.Run: self.run_invoke,
+                m.DestroySandbox: self.destroy_sandbox,
+                m.ListSandboxes: self.list_sandboxes,
+            },
+        )
+        try:
+            await server.serve()
+        finally:
+            await self.close_all()
+
+    async def close_all(self) -> None:
+        procs = list(self.processes.values())
+        self.processes.clear()
+        await asyncio.gather(*(p.close() for p in procs), return_exceptions=True)
+
+    # --- handlers ------------------------------------------------------------------------------------------------
+
+    async def create_sandbox(self, req: Request) -> dict:
+        msg = req.msg
+        config = msg.config
+        if len(self.state.sandboxes) >= self.rt.config.settings.max_sandboxes:
+            raise ServiceException(
+                f"worker {self.rt.node_id} is at its limit of {self.rt.config.settings.max_sandboxes} sandboxes",
+                reason="WorkerFull",
+            )
+        code_dir = await self._code(config.code_sha256)
+        entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager)
+        self.state.add(entry, self.rt.now())
+        try:
+            proc = await SandboxProcess.start(msg.sandbox_id, config, code_dir, self.run_root / msg.sandbox_id)
+        except Exception as exc:
+            self.state.remove(msg.sandbox_id)
+            log.exception("sandbox.start_failed", sandbox_id=msg.sandbox_id, function=config.name)
+            raise ServiceException(f"could not start a sandbox on {self.rt.node_id}: {exc}") from exc
+        self.processes[msg.sandbox_id] = proc
+        self.state.ready(msg.sandbox_id)
+        self._publish()
+        log.info(
+            "sandbox.created",
+            sandbox_id=msg.sandbox_id,
+            function=config.name,
+            tenant=config.tenant,
+            cold_ms=round(proc.init_ms, 2),
+            init_error=(proc.init_error or {}).get("errorType"),
+        )
+        return {"init_ms": proc.init_ms, "isolation": ISOLATION}
+
+    async def run_invoke(self, req: Request) -> Reply:
+        msg = req.msg
+        entry = self.state.begin(msg.sandbox_id, msg.request_id, self.rt.now())
+        proc = self.processes[msg.sandbox_id]
+        structlog.contextvars.bind_contextvars(function=proc.config.name, sandbox_id=msg.sandbox_id)
+        outcome = await proc.invoke(msg.request_id, req.payload or b"", msg.log_tail)
+        if outcome.alive and proc.alive:
+            self.state.end(msg.sandbox_id, self.rt.now())
+            self._tell_manager(entry, msg.request_id, "ok")
+        else:
+            await self._discard(msg.sandbox_id)
+            self._tell_manager(entry, msg.request_id, "gone")
+            log.info("sandbox.retired", reason=outcome.payload[:200].decode(errors="replace"))
+        fields = {"executed_version": proc.config.version, "sandbox_alive": outcome.alive}
+        if outcome.function_error:
+            fields["function_error"] = outcome.function_error
+        if outcome.log is not None:
+            fields["log_tail"] = outcome.log
+        return Reply(fields, outcome.payload)
+
+    async def destroy_sandbox(self, req: Request) -> dict:
+        existed = await self._discard(req.msg.sandbox_id)
+        return {"destroyed": existed}
+
+    async def list_sandboxes(self, req: Request) -> dict:
+        return {"sandboxes": self.state.view(), "node_id": self.rt.node_id}
+
+    # --- internals -----------------------------------------------------------------------------------------------
+
+    async def _discard(self, sandbox_id: str) -> bool:
+        entry = self.state.remove(sandbox_id)
+        proc = self.processes.pop(sandbox_id, None)
+        if proc is not None:
+            await proc.close()
+            shutil.rmtree(proc.run_dir, ignore_errors=True)
+        self._publish()
+        return entry is not None
+
+    def _publish(self) -> None:
+        self.rt.facts["sandboxes"] = len(self.state.sandboxes)
+        self.rt.facts["sandbox_memory_mb"] = sum(p.config.memory_mb for p in self.processes.values())
+
+    def _tell_manager(self, entry: SandboxEntry, request_id: str, outcome: str) -> None:
+        """The manager learns the sandbox is free (or gone) even if the frontend that ran the invoke dies."""
+        release = m.ManagerRelease(
+            function_key=entry.function_key, sandbox_id=entry.sandbox_id, request_id=request_id, outcome=outcome
+        )
+        task = asyncio.get_running_loop().create_task(self._notify(entry.manager, release))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _notify(self, endpoint: str, msg: m.ManagerRelease) -> None:
+        try:
+            await self.rt.pool.call(endpoint, msg, timeout_s=2.0)
+        except FlintError:
+            pass  # the manager is gone; the next one rebuilds from list_sandboxes
+
+    async def _code(self, digest: str) -> Path:
+        path = self.code_root / digest
+        if self.cache.touch(digest, self.rt.now()) and path.exists():
+            return path
+        lock = self._code_locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            if path.exists():
+                self.cache.touch(digest, self.rt.now()) or self.cache.add(
+                    digest, _du(path), self.rt.now(), self.state.code_in_use()
+                )
+                return path
+            began = time.perf_counter()
+            data = await self.registry.get_blob(digest)
+            size = await asyncio.to_thread(unpack, data, path)
+            for old in self.cache.add(digest, size, self.rt.now(), self.state.code_in_use()):
+                shutil.rmtree(self.code_root / old, ignore_errors=True)
+            log.info("code.cached", code_sha256=digest, bytes=size, ms=round((time.perf_counter() - began) * 1000, 1))
+            return path
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+

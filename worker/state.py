@@ -1,0 +1,115 @@
+"""Worker bookkeeping with no I/O: the sandboxes on this host and the code cache's size bound."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from wire.errors import ResourceConflictException, ResourceNotFoundException
+
+STARTING, IDLE, BUSY = "starting", "idle", "busy"
+DEFAULT_CODE_CACHE_MB = 2048
+
+
+@dataclasses.dataclass
+class SandboxEntry:
+    sandbox_id: str
+    function_key: str
+    code_sha256: str
+    manager: str
+    state: str = STARTING
+    request_id: str | None = None
+    invocations: int = 0
+    created: float = 0.0
+    last_used: float = 0.0
+
+
+class WorkerState:
+    def __init__(self) -> None:
+        self.sandboxes: dict[str, SandboxEntry] = {}
+
+    def add(self, entry: SandboxEntry, now: float) -> None:
+        if entry.sandbox_id in self.sandboxes:
+            raise ResourceConflictException(f"sandbox {entry.sandbox_id} already exists on this worker")
+        entry.created = entry.last_used = now
+        self.sandboxes[entry.sandbox_id] = entry
+
+    def ready(self, sandbox_id: str) -> None:
+        self.get(sandbox_id).state = IDLE
+
+    def get(self, sandbox_id: str) -> SandboxEntry:
+        entry = self.sandboxes.get(sandbox_id)
+        if entry is None:
+            raise ResourceNotFoundException(f"sandbox {sandbox_id} is not on this worker (reaped or never made)")
+        return entry
+
+    def begin(self, sandbox_id: str, request_id: str, now: float) -> SandboxEntry:
+        """A sandbox serves one invoke at a time; a second concurrent one is refused, never interleaved."""
+        entry = self.get(sandbox_id)
+        if entry.state != IDLE:
+            raise ResourceConflictException(f"sandbox {sandbox_id} is {entry.state}, not idle")
+        entry.state = BUSY
+        entry.request_id = request_id
+        entry.last_used = now
+        return entry
+
+    def end(self, sandbox_id: str, now: float) -> None:
+        entry = self.sandboxes.get(sandbox_id)
+        if entry is not None and entry.state == BUSY:
+            entry.state = IDLE
+            entry.request_id = None
+            entry.invocations += 1
+            entry.last_used = now
+
+    def remove(self, sandbox_id: str) -> SandboxEntry | None:
+        return self.sandboxes.pop(sandbox_id, None)
+
+    def code_in_use(self) -> set[str]:
+        return {e.code_sha256 for e in self.sandboxes.values()}
+
+    def view(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "sandbox_id": e.sandbox_id,
+                "function_key": e.function_key,
+                "state": e.state,
+                "manager": e.manager,
+                "invocations": e.invocations,
+            }
+            for e in self.sandboxes.values()
+        ]
+
+
+class CodeCache:
+    """Unpacked code packages on this host, bounded in bytes; the least recently used unused one goes first."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CODE_CACHE_MB * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self.entries: dict[str, tuple[int, float]] = {}  # sha256 -> (unpacked bytes, last used)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for size, _ in self.entries.values())
+
+    def touch(self, sha256: str, now: float) -> bool:
+        hit = self.entries.get(sha256)
+        if hit is None:
+            return False
+        self.entries[sha256] = (hit[0], now)
+        return True
+
+    def add(self, sha256: str, size: int, now: float, in_use: set[str]) -> list[str]:
+        """Record a newly unpacked package; returns the packages to delete to get back under the bound."""
+        self.entries[sha256] = (size, now)
+        evict: list[str] = []
+        total = self.used_bytes
+        for sha, (sz, _) in sorted(self.entries.items(), key=lambda kv: kv[1][1]):
+            if total <= self.max_bytes:
+                break
+            if sha == sha256 or sha in in_use:
+                continue
+            evict.append(sha)
+            total -= sz
+        for sha in evict:
+            del self.entries[sha]
+        return evict
