@@ -82,29 +82,42 @@ class Authenticator:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._sock = self.ctx.socket(zmq.REP)
+        # A ROUTER, not a REP: each request is answered in its own task, so a tenant lookup that needs a new
+        # CURVE connection (which itself goes through ZAP) cannot deadlock the handler.
+        self._sock = self.ctx.socket(zmq.ROUTER)
         self._sock.linger = 0
         self._sock.bind(ZAP_ENDPOINT)
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="zap")
+        self._pending: set[asyncio.Task] = set()
 
     async def _serve(self) -> None:
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart()
-            try:
-                version, request_id, domain, _address, _identity, mechanism = frames[:6]
-                credentials = frames[6:]
-            except ValueError:
-                continue  # not a ZAP request; REP needs an answer, but libzmq never sends these
-            status, text, user = b"400", b"not allowed", b""
-            if mechanism == b"CURVE" and len(credentials) == 1 and len(credentials[0]) == 32:
-                key = z85.encode(credentials[0])
-                principal = await self._principal(domain.decode(errors="replace"), key)
-                if principal is not None:
-                    status, text, user = b"200", b"OK", principal.encode()
-            if status != b"200":
-                self.refused += 1
-            await self._sock.send_multipart([version, request_id, status, text, user, b""])
+            task = asyncio.get_running_loop().create_task(self._answer(frames))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _answer(self, frames: list[bytes]) -> None:
+        try:
+            delimiter = frames.index(b"")
+        except ValueError:
+            return  # not a REQ envelope: libzmq never sends these
+        envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        if len(body) < 6:
+            return
+        version, request_id, domain, _address, _identity, mechanism = body[:6]
+        credentials = body[6:]
+        status, text, user = b"400", b"not allowed", b""
+        if mechanism == b"CURVE" and len(credentials) == 1 and len(credentials[0]) == 32:
+            key = z85.encode(credentials[0])
+            principal = await self._principal(domain.decode(errors="replace"), key)
+            if principal is not None:
+                status, text, user = b"200", b"OK", principal.encode()
+        if status != b"200":
+            self.refused += 1
+        assert self._sock is not None
+        await self._sock.send_multipart([*envelope, version, request_id, status, text, user, b""])
 
     async def _principal(self, domain: str, key: bytes) -> str | None:
         if key == self.cluster_public:

@@ -50,7 +50,7 @@ class SandboxProcess:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "tmp"
         tmp.mkdir(exist_ok=True)
-        log_fd = os.open(run_dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_fd = os.open(run_dir / "log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # RDWR: the runtime reads its own tail
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -1,0 +1,77 @@
+"""The `flint` command as a newcomer types it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, fresh_base_ip
+
+pytestmark = pytest.mark.slow
+
+
+def flint(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flint", *args], capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=timeout
+    )
+
+
+def test_demo_brings_up_a_region_invokes_the_example_and_tears_it_down():
+    out = flint("demo", "--base-ip", fresh_base_ip())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "region healthy" in out.stdout
+    assert out.stdout.count("warm invoke") == 2 and "cold invoke" in out.stdout
+    assert '"invocations": 3' in out.stdout
+    assert "demo finished" in out.stdout
+
+
+def test_cluster_function_and_invoke_commands(tmp_path):
+    region = tmp_path / "region"
+    up = flint("cluster", "up", "--dir", str(region), "--base-ip", fresh_base_ip())
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        header = next(line for line in up.stdout.splitlines() if line.startswith("NODE"))
+        assert all(col in header for col in ("AZ", "ROLES", "HEALTH", "RAFT"))
+        assert up.stdout.count("healthy") >= 3
+
+        status = flint("cluster", "status", "--dir", str(region), "--json")
+        rows = json.loads(status.stdout)
+        assert status.returncode == 0 and {r["az"] for r in rows} == {"az1", "az2", "az3"}
+
+        created = flint("function", "create", "hello", "--code", "examples/hello", "--handler", "handler.handle",
+                        "--memory-mb", "256", "--env", "STAGE=test", "--region", str(region))
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["memory_mb"] == 256
+
+        inv = flint("invoke", "hello", "--payload", '{"name": "CLI"}', "--log-tail", "--region", str(region))
+        assert inv.returncode == 0, inv.stderr
+        assert json.loads(inv.stdout)["message"] == "Hello, CLI!"
+        assert "StatusCode: 200" in inv.stderr and "greeting CLI" in inv.stderr
+
+        piped = flint("invoke", "hello", "--payload", "-", "--region", str(region), stdin='{"name": "stdin"}')
+        assert json.loads(piped.stdout)["message"] == "Hello, stdin!"
+
+        dry = flint("invoke", "hello", "--type", "DryRun", "--region", str(region))
+        assert dry.returncode == 0 and "StatusCode: 204" in dry.stderr and dry.stdout == ""
+
+        missing = flint("invoke", "nope", "--region", str(region))
+        assert missing.returncode == 3
+        assert "ResourceNotFoundException" in missing.stderr and "flint function list" in missing.stderr
+
+        bad = flint("invoke", "hello", "--payload", "{oops", "--region", str(region))
+        assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+
+        listed = flint("function", "list", "--region", str(region))
+        assert "hello" in listed.stdout and "handler.handle" in listed.stdout
+    finally:
+        down = flint("cluster", "down", "--dir", str(region), "--purge")
+    assert down.returncode == 0 and down.stdout.count("stopped") == 3
+    assert not region.exists()
+
+
+def test_commands_without_a_region_say_how_to_get_one(tmp_path):
+    out = flint("invoke", "hello", "--region", str(tmp_path / "none"))
+    assert out.returncode == 2 and "flint cluster up" in out.stderr

@@ -1,0 +1,106 @@
+"""The node daemon as an operator meets it: clean SIGTERM, crashed roles restarted, never half alive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import zmq.asyncio
+
+from flint import Client
+from tests.conftest import ROOT, start_region
+from wire import messages as m
+from wire.sockets import ClientPool
+
+pytestmark = pytest.mark.slow
+
+
+def inject(region, node_id: str, role: str) -> None:
+    async def go():
+        keys = region.cluster_keys()
+        ctx = zmq.asyncio.Context()
+        pool = ClientPool(ctx, keys, keys.public)
+        try:
+            await pool.call(region.config(node_id).endpoint("admin"), m.InjectFault(role=role, fault="crash"))
+        finally:
+            pool.close()
+            ctx.destroy(linger=0)
+
+    asyncio.run(go())
+
+
+def wait_exit(pid: int, timeout_s: float) -> int | None:
+    proc = psutil.Process(pid)
+    try:
+        return proc.wait(timeout_s)
+    except psutil.TimeoutExpired:
+        return None
+
+
+def test_sigterm_stops_the_node_cleanly_with_its_sandboxes(tmp_path):
+    region = start_region(tmp_path, nodes=1, azs=1)
+    try:
+        with Client.from_region(region.root) as client:
+            client.create_function("hello", code=ROOT / "examples" / "hello", handler="handler.handle")
+            assert client.invoke("hello", {}).function_error is None
+        pid = region.pid("n1")
+        sandboxes = [p for p in psutil.Process(pid).children(recursive=True) if "bootstrap.py" in " ".join(p.cmdline())]
+        assert sandboxes, "the invoke should have left a warm sandbox process"
+        os.kill(pid, signal.SIGTERM)
+        assert wait_exit(pid, 15) == 0
+        time.sleep(0.2)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sandboxes)
+        log = (region.root / "nodes" / "n1" / "node.log").read_text().splitlines()
+        events = [json.loads(line) for line in log if line.startswith("{")]
+        assert events[-1]["event"] == "node.stopped" and events[-1]["exit_code"] == 0
+        assert all(e.get("node") == "n1" and e.get("az") == "az1" for e in events)
+    finally:
+        region.down()
+
+
+def test_a_crashed_role_is_restarted_and_repeated_crashes_end_the_node(tmp_path):
+    region = start_region(tmp_path, nodes=1, azs=1, settings={"role_restarts": 2, "role_restart_window_s": 60})
+    try:
+        inject(region, "n1", "frontend")
+        time.sleep(0.8)
+        region.wait_healthy(20)
+        with Client.from_region(region.root) as client:
+            client.create_function("hello", code=ROOT / "examples" / "hello", handler="handler.handle")
+            assert client.invoke("hello", {"name": "after restart"}).json()["message"] == "Hello, after restart!"
+        status = {r["node"]: r for r in region.status()}
+        assert status["n1"]["health"] == "healthy"
+        pid = region.pid("n1")
+        inject(region, "n1", "frontend")  # second restart: still within budget
+        time.sleep(0.8)
+        inject(region, "n1", "frontend")  # third crash within the window: over budget, the node must exit
+        code = wait_exit(pid, 15)
+        assert code == 3, "a node whose role keeps crashing exits non-zero instead of running half alive"
+        log = (region.root / "nodes" / "n1" / "node.log").read_text()
+        assert '"role.giving_up"' in log and '"role": "frontend"' in log
+    finally:
+        region.down()
+
+
+def test_cli_help_explains_every_command():
+    out = subprocess.run([sys.executable, "-m", "flint", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for command in ("node", "cluster", "function", "invoke", "demo"):
+        assert command in out.stdout
+    out = subprocess.run([sys.executable, "-m", "flint", "cluster", "up", "--help"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert "--nodes" in out.stdout and "--azs" in out.stdout and "--dir" in out.stdout
+
+
+def test_node_with_a_bad_config_says_what_is_wrong(tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('node_id = "n1"\nroles = ["chef"]\n')
+    out = subprocess.run([sys.executable, "-m", "flint", "node", "--config", str(cfg)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 2 and "unknown role 'chef'" in out.stderr

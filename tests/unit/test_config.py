@@ -1,0 +1,41 @@
+import pytest
+
+from nodes.config import ConfigError, NodeConfig
+
+
+def good(**over):
+    raw = {"node_id": "n1", "az": "az1", "address": "127.0.0.2", "roles": ["control", "worker"],
+           "control_nodes": ["127.0.0.2"], "data_dir": "/tmp/x"}
+    raw.update(over)
+    return raw
+
+
+def test_defaults_and_endpoints():
+    c = NodeConfig.from_dict(good(settings={"keep_alive_s": 5}))
+    assert c.settings.keep_alive_s == 5.0 and c.settings.heartbeat_interval_s == 0.5
+    assert c.endpoint("frontend") == "tcp://127.0.0.2:7100"
+    assert c.raft_address("counting") == "127.0.0.2:7201"
+
+
+@pytest.mark.parametrize(
+    "over, complaint",
+    [
+        ({"roles": ["chef"]}, "unknown role 'chef'"),
+        ({"control_nodes": ["127.0.0.9"]}, "must be in control_nodes"),
+        ({"settings": {"keep_alive": 1}}, "unknown key 'keep_alive'"),
+        ({"settings": {"keep_alive_s": "soon"}}, "must be a number"),
+        ({"colour": "blue"}, "unknown keys colour"),
+        ({"node_id": 3}, "'node_id' must be a str"),
+    ],
+)
+def test_bad_config_says_what_is_wrong(over, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        NodeConfig.from_dict(good(**over))
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        NodeConfig.load(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("node_id = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        NodeConfig.load(tmp_path / "bad.toml")

@@ -1,0 +1,72 @@
+"""Message types refuse malformed fields in one place, naming the field."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wire import messages as m
+from wire.errors import InvalidRequestContentException
+from wire.schema import OPS
+
+
+def config_fields(**over):
+    base = dict(tenant="t", name="f", handler="h.fn", code_sha256="a" * 64)
+    base.update(over)
+    return base
+
+
+def test_valid_message_round_trips():
+    msg = m.Invoke(function="hello", log_tail=True)
+    assert m.Invoke.from_fields(msg.to_fields()) == msg
+
+
+def test_nested_message_round_trips():
+    msg = m.Reserve(config=m.FunctionConfig.from_fields(config_fields()), request_id="r1", avoid_nodes=("n1",))
+    again = m.Reserve.from_fields(msg.to_fields())
+    assert again == msg
+    assert again.config.memory_mb == 128
+
+
+@pytest.mark.parametrize(
+    "fields, complaint",
+    [
+        ({}, "'function' is required"),
+        ({"function": 7}, "'function' must be a string"),
+        ({"function": "x" * 65}, "longer than 64"),
+        ({"function": "f", "invocation_type": "Sometimes"}, "must be one of"),
+        ({"function": "f", "log_tail": "yes"}, "'log_tail' must be true or false"),
+    ],
+)
+def test_bad_fields_are_refused_with_the_field_named(fields, complaint):
+    with pytest.raises(InvalidRequestContentException, match=complaint):
+        m.Invoke.from_fields(fields)
+
+
+def test_numbers_are_range_checked():
+    with pytest.raises(InvalidRequestContentException, match="memory_mb' must be at most 10240"):
+        m.FunctionConfig.from_fields(config_fields(memory_mb=20000))
+    with pytest.raises(InvalidRequestContentException, match="must be an integer"):
+        m.FunctionConfig.from_fields(config_fields(memory_mb=True))
+    with pytest.raises(InvalidRequestContentException, match="finite number"):
+        m.FunctionConfig.from_fields(config_fields(timeout_s=float("nan")))
+
+
+def test_nested_errors_name_the_path():
+    with pytest.raises(InvalidRequestContentException, match="'config.handler' is required"):
+        m.Reserve.from_fields({"config": {"tenant": "t", "name": "f", "code_sha256": "a" * 64}, "request_id": "r"})
+
+
+def test_every_op_is_registered_once_with_a_service_prefix_or_tenant_name():
+    assert len(OPS) == len(set(OPS))
+    for op, cls in OPS.items():
+        assert cls.op == op
+
+
+@given(st.dictionaries(st.text(max_size=12), st.one_of(st.none(), st.integers(), st.text(), st.booleans(),
+                                                        st.lists(st.integers()), st.binary())))
+def test_arbitrary_field_maps_never_raise_anything_but_the_named_error(fields):
+    for cls in OPS.values():
+        try:
+            cls.from_fields(fields)
+        except InvalidRequestContentException:
+            pass
