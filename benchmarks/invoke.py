@@ -121,6 +121,7 @@ async def measure(region: Region, n_single: int, n_multi: int, callers: int) -> 
 
         multi: list[float] = []
         errors = 0
+        error_kinds: dict[str, int] = {}
 
         async def caller(k: int, count: int) -> None:
             nonlocal errors
@@ -128,8 +129,9 @@ async def measure(region: Region, n_single: int, n_multi: int, callers: int) -> 
                 t = time.perf_counter()
                 try:
                     await client.invoke("echo", {"c": k, "i": i})
-                except Exception:
+                except Exception as exc:
                     errors += 1
+                    error_kinds[f"{type(exc).__name__}: {exc}"[:160]] = error_kinds.get(f"{type(exc).__name__}: {exc}"[:160], 0) + 1
                     continue
                 multi.append((time.perf_counter() - t) * 1000)
 
@@ -143,6 +145,7 @@ async def measure(region: Region, n_single: int, n_multi: int, callers: int) -> 
             "multi": multi,
             "multi_elapsed_s": elapsed,
             "multi_errors": errors,
+            "error_kinds": error_kinds,
         }
     finally:
         client.close()
@@ -181,6 +184,7 @@ def main() -> None:
         "p50_ms_16_callers": round(pct(multi, 50), 3),
         "p99_ms_16_callers": round(pct(multi, 99), 3),
         "errors_16_callers": res["multi_errors"],
+        "error_kinds": res["error_kinds"],
         "cold_first_invoke_ms": res["cold_first_invoke_ms"],
         "zmq_rtt_p50_ms": round(pct(plain, 50), 4),
         "zmq_rtt_p99_ms": round(pct(plain, 99), 4),

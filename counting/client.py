@@ -1,4 +1,4 @@
-"""How frontends talk to the counting service."""
+"""How frontends and operators talk to the counting service (any control node; followers forward to the leader)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,21 @@ class CountingClient:
     def __init__(self, failover: Failover):
         self.fo = failover
 
-    async def acquire(self, tenant: str, slot_id: str, hold_s: float) -> int:
-        """One concurrency slot for `slot_id`, or TooManyRequestsException. Safe to retry with the same id."""
-        resp = await self.fo.call(
-            m.Acquire(tenant=tenant, slot_id=slot_id, hold_s=hold_s), timeout_s=3.0, request_id=f"a-{slot_id}"
-        )
-        return resp.fields["in_use"]
+    async def lease(self, **fields: Any) -> dict[str, Any]:
+        """Take or renew a lease (see counting.state.Ledger.cmd_lease). Safe to retry: the request id is reused."""
+        resp = await self.fo.call(m.LeaseCredits(**fields), timeout_s=3.0)
+        return resp.fields
 
-    async def release(self, tenant: str, slot_id: str) -> int:
-        resp = await self.fo.call(m.Release(tenant=tenant, slot_id=slot_id), timeout_s=3.0, request_id=f"r-{slot_id}")
-        return resp.fields["in_use"]
+    async def release_lease(self, lease_id: str, in_use: int = 0) -> None:
+        await self.fo.call(m.ReleaseLease(lease_id=lease_id, in_use=in_use), timeout_s=3.0)
 
     async def set_limit(self, tenant: str, limit: int) -> int:
         resp = await self.fo.call(m.SetLimit(tenant=tenant, limit=limit))
         return resp.fields["limit"]
+
+    async def set_reserved(self, tenant: str, function: str, reserved: int | None) -> int | None:
+        resp = await self.fo.call(m.SetReserved(tenant=tenant, function=function, reserved=reserved))
+        return resp.fields["reserved"]
 
     async def status(self, tenant: str | None = None) -> dict[str, Any]:
         resp = await self.fo.call(m.CountingStatus(tenant=tenant), timeout_s=2.0)

@@ -1,12 +1,19 @@
-"""Counting service: the concurrency ledger, one command per acquire or release through the `counting` group."""
+"""Counting service: the concurrency ledger behind the `counting` Raft group.
+
+Every decision is a replicated command (leases, limits, reservations). After a command that needs holders to
+give credits back, the replica that proposed it pushes a revision to those frontends.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
-from counting.state import CountingState
+from counting.state import Ledger
 from nodes.runtime import Runtime
 from wire import messages as m
+from wire.errors import FlintError
 from wire.raft import RaftGroup
 from wire.sockets import Request
 
@@ -17,45 +24,68 @@ class CountingService:
     def __init__(self, rt: Runtime, group: RaftGroup):
         self.rt = rt
         self.group = group
+        self._background: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         server = self.rt.server(
             "counting",
-            {m.Acquire: self.acquire, m.Release: self.release, m.SetLimit: self.set_limit, m.CountingStatus: self.status},
+            {
+                m.LeaseCredits: self.lease,
+                m.ReleaseLease: self.release_lease,
+                m.SetLimit: self.set_limit,
+                m.SetReserved: self.set_reserved,
+                m.CountingStatus: self.status,
+            },
         )
         await server.serve()
 
-    async def acquire(self, req: Request) -> dict:
-        msg = req.msg
-        in_use = await self.group.submit(
-            "acquire",
-            {"tenant": msg.tenant, "slot_id": msg.slot_id, "hold_s": msg.hold_s},
-            request_id=req.id,
-            timeout_s=req.remaining_s(3),
-        )
-        return {"in_use": in_use}
+    async def _commit(self, req: Request, op: str, args: dict) -> dict:
+        return await self.group.submit(op, args, request_id=req.id, timeout_s=req.remaining_s(3))
 
-    async def release(self, req: Request) -> dict:
-        in_use = await self.group.submit(
-            "release", {"tenant": req.msg.tenant, "slot_id": req.msg.slot_id}, request_id=req.id,
-            timeout_s=req.remaining_s(3),
-        )
-        return {"in_use": in_use}
+    async def lease(self, req: Request) -> dict:
+        grant = await self._commit(req, "lease", req.msg.to_fields())
+        self._push(grant.get("revise", ()), req.msg.tenant)
+        return grant
+
+    async def release_lease(self, req: Request) -> dict:
+        return await self._commit(req, "release", {"lease_id": req.msg.lease_id, "in_use": req.msg.in_use})
 
     async def set_limit(self, req: Request) -> dict:
-        limit = await self.group.submit(
-            "set_limit", {"tenant": req.msg.tenant, "limit": req.msg.limit}, request_id=req.id,
-            timeout_s=req.remaining_s(3),
-        )
-        log.info("counting.limit_set", tenant=req.msg.tenant, limit=limit)
-        return {"limit": limit}
+        out = await self._commit(req, "set_limit", {"tenant": req.msg.tenant, "limit": req.msg.limit})
+        self._push(out["revise"], req.msg.tenant)
+        log.info("counting.limit_set", tenant=req.msg.tenant, limit=req.msg.limit)
+        return {"limit": out["limit"]}
+
+    async def set_reserved(self, req: Request) -> dict:
+        msg = req.msg
+        out = await self._commit(req, "set_reserved",
+                                 {"tenant": msg.tenant, "function": msg.function, "reserved": msg.reserved})
+        self._push(out["revise"], msg.tenant)
+        log.info("counting.reserved_set", tenant=msg.tenant, function=msg.function, reserved=msg.reserved)
+        return {"reserved": out["reserved"]}
 
     async def status(self, req: Request) -> dict:
         now = self.rt.now()
-        with self.group.machine.read() as state:
-            state: CountingState
-            tenants = [req.msg.tenant] if req.msg.tenant else sorted(set(state.limits) | set(state.slots))
+        with self.group.machine.read() as ledger:
+            ledger: Ledger
+            tenants = [req.msg.tenant] if req.msg.tenant else sorted(
+                set(ledger.limits) | set(ledger.reserved) | {lease.tenant for lease in ledger.leases.values()}
+            )
             return {
-                "tenants": {t: {"limit": state.limit(t), "in_use": state.in_use(t, now)} for t in tenants},
+                "tenants": {t: ledger.tenant_view(t, now) for t in tenants},
+                "leases": len(ledger.leases),
+                "digest": ledger.digest(),
                 "raft": self.group.status(),
             }
+
+    def _push(self, endpoints, tenant: str) -> None:
+        for endpoint in endpoints:
+            task = asyncio.get_running_loop().create_task(self._revise(endpoint, tenant))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _revise(self, endpoint: str, tenant: str) -> None:
+        try:
+            await self.rt.pool.call(endpoint, m.Revise(tenant=tenant), timeout_s=1.0)
+        except FlintError:
+            pass  # a holder that cannot hear us renews on its own within half a lease

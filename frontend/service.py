@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import structlog
 
 from counting.client import CountingClient
-from frontend.state import FunctionCache, rendezvous_order
+from counting.state import COLD_START_ALLOWANCE_S
+from frontend.admission import Admission
+from frontend.state import CreditWallet, FunctionCache, rendezvous_order
 from manager.client import ManagerClient
 from nodes.runtime import Runtime
 from placement.client import NodeView, PlacementClient
@@ -18,6 +21,7 @@ from registry.client import RegistryClient
 from registry.package import sha256, validate_zip
 from wire import messages as m
 from wire.errors import (
+    AccessDeniedException,
     FlintError,
     InvalidParameterValueException,
     InvalidRequestContentException,
@@ -26,13 +30,12 @@ from wire.errors import (
     ResourceNotFoundException,
     ServiceException,
 )
-from wire.sockets import TENANT_PREFIX, Reply, Request, new_request_id
+from wire.sockets import CLUSTER, TENANT_PREFIX, Reply, Request, new_request_id, now_ms
 from worker.client import WorkerClient
 
 log = structlog.get_logger("frontend")
 
 TENANT_KEYS_TTL_S = 1.0
-COUNTING_HOLD_MARGIN_S = 30.0  # a slot outlives the function's timeout by this much if its release is lost
 
 
 class FrontendService:
@@ -40,6 +43,11 @@ class FrontendService:
         self.rt = rt
         self.registry = RegistryClient(rt.control("registry"))
         self.counting = CountingClient(rt.control("counting"))
+        holder = f"{rt.node_id}-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFFF:x}"  # unique per incarnation
+        self.admission = Admission(
+            self.counting, holder, rt.config.endpoint("frontend"),
+            CreditWallet(holder, lease_s=rt.config.settings.credit_lease_s),
+        )
         self.view = NodeView(PlacementClient(rt.control("placement")), max_age_s=0.25)
         self.managers = ManagerClient(rt.pool)
         self.workers = WorkerClient(rt.pool)
@@ -59,12 +67,20 @@ class FrontendService:
                 m.GetFunction: self.get_function,
                 m.ListFunctions: self.list_functions,
                 m.DeleteFunction: self.delete_function,
+                m.PutFunctionConcurrency: self.put_concurrency,
+                m.DeleteFunctionConcurrency: self.delete_concurrency,
+                m.GetFunctionConcurrency: self.get_concurrency,
+                m.Revise: self.revise,
             },
             zap_domain="tenant",
-            allowed=lambda principal: principal.startswith(TENANT_PREFIX),
+            allowed=lambda principal: principal.startswith(TENANT_PREFIX) or principal == CLUSTER,
         )
         await self.view.refresh(force=True)
-        await server.serve()
+        renewals = asyncio.get_running_loop().create_task(self.admission.run(), name="admission")
+        try:
+            await server.serve()
+        finally:
+            renewals.cancel()
 
     # --- authentication ------------------------------------------------------------------------------------------
 
@@ -81,6 +97,7 @@ class FrontendService:
     # --- function lifecycle ----------------------------------------------------------------------------------------
 
     async def create_function(self, req: Request) -> dict:
+        _tenant(req)
         msg = req.msg
         if not req.payload:
             raise InvalidParameterValueException("no code: send the zip as the request's payload frame")
@@ -105,21 +122,61 @@ class FrontendService:
         return {"config": _public(record)}
 
     async def get_function(self, req: Request) -> dict:
-        return {"config": _public(await self.registry.get_function(req.tenant, req.msg.name))}
+        config = _public(await self.registry.get_function(_tenant(req), req.msg.name))
+        status = await self.counting.status(req.tenant)
+        reserved = status["tenants"].get(req.tenant, {}).get("reserved", {}).get(req.msg.name)
+        if reserved is not None:
+            config["reserved_concurrency"] = reserved
+        return {"config": config}
 
     async def list_functions(self, req: Request) -> dict:
-        return {"functions": [_public(f) for f in await self.registry.list_functions(req.tenant)]}
+        return {"functions": [_public(f) for f in await self.registry.list_functions(_tenant(req))]}
 
     async def delete_function(self, req: Request) -> dict:
-        await self.registry.delete_function(req.tenant, req.msg.name, request_id=req.id)
+        await self.registry.delete_function(_tenant(req), req.msg.name, request_id=req.id)
         self.cache.forget(req.tenant, req.msg.name)
+        try:
+            await self.counting.set_reserved(req.tenant, req.msg.name, None)
+        except ResourceNotFoundException:
+            pass  # it had no reservation
+        return {}
+
+    # --- concurrency -----------------------------------------------------------------------------------------------
+
+    async def put_concurrency(self, req: Request) -> dict:
+        await self.registry.get_function(_tenant(req), req.msg.name)  # ResourceNotFoundException if not theirs
+        reserved = await self.counting.set_reserved(req.tenant, req.msg.name, req.msg.reserved)
+        return {"reserved_concurrency": reserved}
+
+    async def delete_concurrency(self, req: Request) -> dict:
+        await self.registry.get_function(_tenant(req), req.msg.name)
+        try:
+            await self.counting.set_reserved(req.tenant, req.msg.name, None)
+        except ResourceNotFoundException:
+            pass
+        return {}
+
+    async def get_concurrency(self, req: Request) -> dict:
+        await self.registry.get_function(_tenant(req), req.msg.name)
+        status = await self.counting.status(req.tenant)
+        view = status["tenants"].get(req.tenant, {})
+        return {
+            "reserved_concurrency": view.get("reserved", {}).get(req.msg.name),
+            "tenant_limit": view.get("limit"),
+            "unreserved_min": view.get("unreserved_min"),
+        }
+
+    async def revise(self, req: Request) -> dict:
+        if req.principal != CLUSTER:
+            raise AccessDeniedException("only the counting service sends revisions")
+        self.admission.revise(req.msg.tenant)
         return {}
 
     # --- invoke --------------------------------------------------------------------------------------------------
 
     async def invoke(self, req: Request) -> Reply:
         msg = req.msg
-        tenant = req.tenant
+        tenant = _tenant(req)
         request_id = new_request_id()
         structlog.contextvars.bind_contextvars(function=msg.function, tenant=tenant, invoke_id=request_id)
         config = await self._resolve(tenant, msg.function, msg.qualifier)
@@ -135,11 +192,14 @@ class FrontendService:
                 json.loads(payload)
             except ValueError:
                 raise InvalidRequestContentException("Could not parse request body into json") from None
-        await self.counting.acquire(tenant, request_id, config.timeout_s + COUNTING_HOLD_MARGIN_S)
+        ticket = await self.admission.admit(tenant, config.name, config.timeout_s)
+        # Whatever happens, the execution ends by this instant: the ledger frees this credit's lease only after
+        # its expiry + the function's timeout + the cold-start allowance, and the worker kills at not_after.
+        not_after_ms = now_ms() + int((config.timeout_s + COLD_START_ALLOWANCE_S) * 1000)
         try:
-            resp = await self._execute(config, request_id, payload, msg.log_tail)
+            resp = await self._execute(config, request_id, payload, msg.log_tail, not_after_ms)
         finally:
-            self._spawn(self._release_slot(tenant, request_id))
+            self.admission.release(ticket)
         fields = {"status_code": 200, "request_id": request_id, **resp.fields}
         fields.pop("sandbox_alive", None)
         return Reply(fields, resp.payload)
@@ -154,7 +214,9 @@ class FrontendService:
             self.cache.put(tenant, name, raw, now)
         return m.FunctionConfig.from_fields(raw)
 
-    async def _execute(self, config: m.FunctionConfig, request_id: str, payload: bytes, log_tail: bool):
+    async def _execute(
+        self, config: m.FunctionConfig, request_id: str, payload: bytes, log_tail: bool, not_after_ms: int
+    ):
         """Reserve a sandbox from the function's manager and run there. An invoke that never reached a host is
         retried once elsewhere; one that may have started is not, and says so."""
         avoid: list[str] = []
@@ -178,6 +240,7 @@ class FrontendService:
                     payload=payload,
                     timeout_s=config.timeout_s,
                     log_tail=log_tail,
+                    not_after_ms=not_after_ms,
                 )
             except PeerUnavailable as err:
                 self._spawn(self.managers.release(manager, **release, outcome="node_failed"))
@@ -215,16 +278,17 @@ class FrontendService:
             raise ServiceException("no healthy worker manager in the region", reason="NoManager")
         raise ServiceException("every worker manager failed this invoke; retry shortly", reason="NoManager")
 
-    async def _release_slot(self, tenant: str, slot_id: str) -> None:
-        try:
-            await self.counting.release(tenant, slot_id)
-        except FlintError as err:
-            log.warning("counting.release_failed", error=str(err))  # the slot expires on its own
-
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _tenant(req: Request) -> str:
+    tenant = req.tenant
+    if tenant is None:
+        raise AccessDeniedException("this operation needs a tenant key")
+    return tenant
 
 
 def _check_environment(env: dict[str, str]) -> None:

@@ -55,6 +55,8 @@ class Settings:
     role_restart_window_s: float = 60.0
     max_sandboxes: int = 256  # per worker host
     shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight invokes get this long to finish
+    record_executions: bool = False  # worker: log each execution's start/end (monotonic) to executions.log
+    credit_lease_s: float = 3.0  # frontend: how long a credit lease lasts before it must be renewed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +174,12 @@ def _sub(cls: type, raw: Any, where: str) -> Any:
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys are {', '.join(fields)}")
         default = getattr(cls(), key)
-        if isinstance(default, bool) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
+            values[key] = value
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number")
         values[key] = type(default)(value)
     return cls(**values)

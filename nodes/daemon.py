@@ -90,14 +90,14 @@ class Node:
 
     def _start_raft(self, rt: Runtime) -> None:
         c = self.config
-        from counting.state import CountingState
+        from counting.state import Ledger
         from placement.state import PlacementState
         from registry.state import RegistryState
 
         password = cluster_password(c.keys_dir)
         states = {
             "control": RegistryState(),
-            "counting": CountingState(),
+            "counting": Ledger(),
             "placement": PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats),
         }
         for group in RAFT_GROUPS:

@@ -106,6 +106,22 @@ class DeleteFunction(Message):
     name: str = text(NAME_MAX)
 
 
+@message("put_function_concurrency")
+class PutFunctionConcurrency(Message):
+    name: str = text(NAME_MAX)
+    reserved: int = integer(0, 1_000_000)
+
+
+@message("delete_function_concurrency")
+class DeleteFunctionConcurrency(Message):
+    name: str = text(NAME_MAX)
+
+
+@message("get_function_concurrency")
+class GetFunctionConcurrency(Message):
+    name: str = text(NAME_MAX)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------
 
 
@@ -157,17 +173,39 @@ class ListTenants(Message):
 # --- counting ----------------------------------------------------------------------------------------------------
 
 
-@message("counting.acquire")
-class Acquire(Message):
+@message("counting.lease")
+class LeaseCredits(Message):
+    """Take or renew a lease on credits for the pool `function` draws from."""
+
+    lease_id: str = text(ID_MAX)
+    holder: str = text(NAME_MAX)
+    endpoint: str = text(255)
     tenant: str = text(NAME_MAX)
-    slot_id: str = text(ID_MAX)
-    hold_s: float = number(0.001, TIMEOUT_S_MAX + 60)
+    function: str = text(NAME_MAX)
+    want: int = integer(0, 1_000_000)
+    in_use: int = integer(0, 1_000_000)
+    max_timeout_s: float = number(0, TIMEOUT_S_MAX)
+    duration_s: float = number(0.05, 60)
 
 
-@message("counting.release")
-class Release(Message):
+@message("counting.release_lease")
+class ReleaseLease(Message):
+    lease_id: str = text(ID_MAX)
+    in_use: int = integer(0, 1_000_000, default=0)
+
+
+@message("counting.set_reserved")
+class SetReserved(Message):
     tenant: str = text(NAME_MAX)
-    slot_id: str = text(ID_MAX)
+    function: str = text(NAME_MAX)
+    reserved: int | None = integer(0, 1_000_000, default=None)  # absent: remove the reservation
+
+
+@message("counting.revise")
+class Revise(Message):
+    """Counting -> a frontend holding leases: the tenant's limits changed or idle credits are wanted back."""
+
+    tenant: str = text(NAME_MAX)
 
 
 @message("counting.set_limit")
@@ -240,6 +278,7 @@ class Run(Message):
     request_id: str = text(ID_MAX)
     function_key: str = text(512)
     log_tail: bool = flag(default=False)
+    not_after_ms: int | None = integer(0, default=None)  # the execution must have ended by then (admission bound)
 
 
 @message("worker.destroy_sandbox")

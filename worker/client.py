@@ -21,11 +21,12 @@ class WorkerClient:
 
     async def run(
         self, endpoint: str, *, sandbox_id: str, request_id: str, function_key: str, payload: bytes,
-        timeout_s: float, log_tail: bool = False,
+        timeout_s: float, log_tail: bool = False, not_after_ms: int | None = None,
     ) -> Response:
         return await self.pool.call(
             endpoint,
-            m.Run(sandbox_id=sandbox_id, request_id=request_id, function_key=function_key, log_tail=log_tail),
+            m.Run(sandbox_id=sandbox_id, request_id=request_id, function_key=function_key, log_tail=log_tail,
+                  not_after_ms=not_after_ms),
             payload,
             timeout_s=timeout_s + RUN_MARGIN_S,
         )

@@ -87,8 +87,9 @@ class SandboxProcess:
     def alive(self) -> bool:
         return self.proc.returncode is None
 
-    async def invoke(self, request_id: str, payload: bytes, log_tail: bool) -> Outcome:
-        timeout_s = self.config.timeout_s
+    async def invoke(self, request_id: str, payload: bytes, log_tail: bool, max_s: float | None = None) -> Outcome:
+        """Run one invoke; killed at the function's timeout, or sooner at `max_s` (the admission bound)."""
+        timeout_s = self.config.timeout_s if max_s is None else min(self.config.timeout_s, max_s)
         deadline_ms = int(time.time() * 1000 + timeout_s * 1000)
         if self.init_error is not None:
             self.kill()
