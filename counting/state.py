@@ -145,15 +145,21 @@ class Ledger:
             credits = want  # the holder gives back what it no longer uses
         else:
             free = max(0, cap - self.held(tenant, pool, now))
-            credits = current + min(want - current, free)
+            grow = min(want - current, free)
+            if self._others_short(tenant, pool, lease_id, now):
+                # others wait for credits: grow no further than a fair share, so freed credits reach them
+                grow = min(grow, max(0, self._fair_share(tenant, pool, cap, lease_id, now) - current))
+            credits = current + grow
         if lease is None:
             lease = Lease(lease_id, holder, endpoint, tenant, pool, credits, in_use, 0.0, 0.0, 0.0)
             self.leases[lease_id] = lease
         lease.credits = credits
         lease.in_use = in_use
         lease.demand = want
-        if lease.target is not None and credits <= max(lease.target, in_use):
-            lease.target = None  # the holder gave back every spare credit it was asked for
+        # Over capacity (the limit was lowered under running executions): this lease must shed the excess
+        # before it admits again, so it may only use credits up to its target as its executions finish.
+        over = self.held(tenant, pool, now) - cap
+        lease.target = max(0, credits - over) if over > 0 else None
         lease.max_timeout_s = max(lease.max_timeout_s, max_timeout_s)
         lease.expires_at = now + duration_s
         lease.free_at = lease.expires_at + lease.max_timeout_s + self.cold_start_allowance_s
@@ -226,6 +232,21 @@ class Ledger:
     def _collect(self, now: float) -> None:
         for lease_id in [i for i, lease in self.leases.items() if lease.free_at <= now]:
             del self.leases[lease_id]
+
+    def _active(self, tenant: str, pool: str, now: float, include: str) -> list[Lease]:
+        return [
+            lease for lease in self.pool_leases(tenant, pool)
+            if lease.lease_id == include or (lease.expires_at > now and (lease.demand > 0 or lease.in_use > 0))
+        ]
+
+    def _fair_share(self, tenant: str, pool: str, cap: int, lease_id: str, now: float) -> int:
+        return math.ceil(cap / max(1, len(self._active(tenant, pool, now, lease_id))))
+
+    def _others_short(self, tenant: str, pool: str, lease_id: str, now: float) -> bool:
+        return any(
+            lease.lease_id != lease_id and lease.expires_at > now and lease.demand > lease.credits
+            for lease in self.pool_leases(tenant, pool)
+        )
 
     def _share(self, tenant: str, pool: str, cap: int, exclude: str) -> tuple[list[str], int]:
         """A request went short: ask holders sitting above their fair share to give back their idle credits."""

@@ -19,7 +19,7 @@ from wire.errors import FlintError, TooManyRequestsException
 log = structlog.get_logger("frontend.admission")
 
 TICK_S = 0.05
-RECLAIM_WAITS = (0.01, 0.02, 0.04, 0.08)  # how long an admission waits while idle credits elsewhere come back
+RECLAIM_WAITS = (0.02, 0.04, 0.08, 0.16, 0.32)  # how long an admission waits while idle credits elsewhere come back
 MAX_ATTEMPTS = 12
 
 
@@ -75,6 +75,9 @@ class Admission:
         final = self.wallet.release(ticket, time.monotonic())
         if final is not None:
             asyncio.get_running_loop().create_task(self._send_release(final))
+        lease = self.wallet.by_id.get(ticket.lease_id)
+        if lease is not None and lease.target is not None:
+            self._wake.set()  # someone waits for credits we were asked to give back: shrink now
 
     async def _grow(self, tenant: str, function: str, timeout_s: float) -> dict:
         lease = self.wallet.lease_for(tenant, function)

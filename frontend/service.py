@@ -11,7 +11,6 @@ import time
 import structlog
 
 from counting.client import CountingClient
-from counting.state import COLD_START_ALLOWANCE_S
 from frontend.admission import Admission
 from frontend.state import CreditWallet, FunctionCache, rendezvous_order
 from manager.client import ManagerClient
@@ -195,11 +194,23 @@ class FrontendService:
         ticket = await self.admission.admit(tenant, config.name, config.timeout_s)
         # Whatever happens, the execution ends by this instant: the ledger frees this credit's lease only after
         # its expiry + the function's timeout + the cold-start allowance, and the worker kills at not_after.
-        not_after_ms = now_ms() + int((config.timeout_s + COLD_START_ALLOWANCE_S) * 1000)
+        allowance_s = self.rt.config.settings.cold_start_allowance_s
+        not_after_ms = now_ms() + int((config.timeout_s + allowance_s) * 1000)
         try:
             resp = await self._execute(config, request_id, payload, msg.log_tail, not_after_ms)
-        finally:
+        except ServiceException as err:
+            if getattr(err, "may_still_run", False):
+                # We lost the host, not necessarily the execution: its credit stays taken until the worker
+                # would have killed it, so a partitioned host can never run more than the limit allows.
+                delay = max(0.0, (not_after_ms - now_ms()) / 1000)
+                asyncio.get_running_loop().call_later(delay, self.admission.release, ticket)
+            else:
+                self.admission.release(ticket)
+            raise
+        except BaseException:
             self.admission.release(ticket)
+            raise
+        self.admission.release(ticket)
         fields = {"status_code": 200, "request_id": request_id, **resp.fields}
         fields.pop("sandbox_alive", None)
         return Reply(fields, resp.payload)
@@ -249,12 +260,14 @@ class FrontendService:
                     avoid.append(res["node_id"])
                     log.warning("invoke.retrying_elsewhere", failed_node=res["node_id"], error=str(err))
                     continue
-                raise ServiceException(
+                lost = ServiceException(
                     f"the host running this invoke ({res['node_id']}) failed: {err.message}. The function may "
                     "have run; retry if it is safe to run it again.",
                     reason="WorkerLost",
                     retryable=True,
-                ) from None
+                )
+                lost.may_still_run = err.reason != "NotSent"  # it may be running on a host we cannot hear
+                raise lost from None
             except (ResourceNotFoundException, ResourceConflictException) as err:
                 # the worker no longer has that sandbox (reaped, crashed) or it is busy: nothing ran; go again
                 self._spawn(self.managers.release(manager, **release, outcome="gone"))

@@ -121,6 +121,7 @@ class CreditWallet:
         self.pools: dict[tuple[str, str], str] = {}  # (tenant, function) -> pool, as the ledger said
         self.active: dict[tuple[str, str], HeldLease] = {}  # (tenant, pool) -> the lease new admissions use
         self.by_id: dict[str, HeldLease] = {}  # every lease still holding credits, active or draining
+        self.outbox: list[LeaseRequest] = []  # closed, empty leases to release at the ledger
         self._seq = 0
 
     # --- the hot path --------------------------------------------------------------------------------------------
@@ -178,8 +179,6 @@ class CreditWallet:
         if not grant.get("renewed", False):
             if lease is not None:
                 self._close(lease)
-                if lease.in_use == 0:
-                    del self.by_id[lease.lease_id]
             return None
         if lease is None:
             lease = HeldLease(request.lease_id, request.tenant, pool, request.function, last_used=sent_at)
@@ -207,19 +206,18 @@ class CreditWallet:
             idle = lease.in_use == 0 and now - lease.last_used >= self.idle_return_s
             if idle or now >= lease.valid_until:
                 self._close(lease)
-                if lease.in_use == 0:
-                    del self.by_id[lease.lease_id]
-                    release.append(LeaseRequest(lease.lease_id, lease.tenant, lease.function, 0, 0,
-                                                lease.max_timeout_s))
                 continue
-            if lease.valid_until - now < self.lease_s / 2 or lease.target is not None:
-                want = max(lease.in_use, math.ceil(lease.peak * 1.25) + 1)
-                if lease.target is not None:
-                    want = max(lease.in_use, min(want, lease.target))
+            want = max(lease.in_use, math.ceil(lease.peak * 1.25) + 1)
+            if lease.target is not None:
+                want = max(lease.in_use, min(want, lease.target))
+            expiring = lease.valid_until - now < self.lease_s / 2
+            if expiring or (lease.target is not None and want < lease.credits):
                 if want < lease.credits:
                     lease.credits = want  # stop using what goes back before the ledger hears of it
                 renew.append(LeaseRequest(lease.lease_id, lease.tenant, lease.function, want, lease.in_use,
                                           lease.max_timeout_s))
+        release.extend(self.outbox)
+        self.outbox.clear()
         return renew, release
 
     def revise(self, tenant: str) -> None:
@@ -237,6 +235,9 @@ class CreditWallet:
         lease.closed = True
         if self.active.get((lease.tenant, lease.pool)) is lease:
             del self.active[(lease.tenant, lease.pool)]
+        if lease.in_use == 0 and lease.lease_id in self.by_id:
+            del self.by_id[lease.lease_id]  # nothing runs under it: give it back now
+            self.outbox.append(LeaseRequest(lease.lease_id, lease.tenant, lease.function, 0, 0, lease.max_timeout_s))
 
     def _new_id(self) -> str:
         self._seq += 1

@@ -57,6 +57,9 @@ class Settings:
     shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight invokes get this long to finish
     record_executions: bool = False  # worker: log each execution's start/end (monotonic) to executions.log
     credit_lease_s: float = 3.0  # frontend: how long a credit lease lasts before it must be renewed
+    # How long after admission an execution may wait for its sandbox before its own timeout starts. The ledger
+    # holds a lapsed lease's credits for expiry + the longest timeout + this; the worker refuses runs past it.
+    cold_start_allowance_s: float = 12.0
 
 
 @dataclasses.dataclass(frozen=True)

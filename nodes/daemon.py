@@ -97,7 +97,7 @@ class Node:
         password = cluster_password(c.keys_dir)
         states = {
             "control": RegistryState(),
-            "counting": Ledger(),
+            "counting": Ledger(cold_start_allowance_s=c.settings.cold_start_allowance_s),
             "placement": PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats),
         }
         for group in RAFT_GROUPS:

@@ -42,10 +42,22 @@ class RegionError(Exception):
     pass
 
 
-def plan_nodes(n: int, azs: int, base_ip: str) -> list[dict[str, Any]]:
-    """Node i goes to AZ (i mod azs); the first node of each AZ is a control node (one replica per AZ)."""
+ALL_ROLES = ["control", "frontend", "manager", "worker"]
+DATA_ROLES = ["frontend", "manager", "worker"]
+
+
+def plan_nodes(n: int, azs: int, base_ip: str, layout: str = "combined") -> list[dict[str, Any]]:
+    """Node i goes to AZ (i mod azs); the first node of each AZ is a control node (one replica per AZ).
+
+    layout "combined": control nodes also run frontend, manager and worker (fewest processes).
+    layout "dedicated": control nodes run only the control role, as a fleet would.
+    """
     if n < 1 or azs < 1:
         raise RegionError("a region needs at least one node and one AZ")
+    if layout not in ("combined", "dedicated"):
+        raise RegionError(f"unknown layout {layout!r}; use combined or dedicated")
+    if layout == "dedicated" and n <= azs:
+        raise RegionError(f"a dedicated layout needs more than {azs} nodes: {azs} control nodes and the rest for work")
     base = ipaddress.IPv4Address(base_ip)
     if not base.is_loopback:
         raise RegionError(f"{base_ip} is not a loopback address; a local region binds only 127.0.0.0/8")
@@ -57,7 +69,7 @@ def plan_nodes(n: int, azs: int, base_ip: str) -> list[dict[str, Any]]:
                 "node_id": f"n{i + 1}",
                 "az": az,
                 "address": str(base + i),
-                "roles": ["control", "frontend", "manager", "worker"] if i < azs else ["frontend", "manager", "worker"],
+                "roles": (["control"] if layout == "dedicated" else ALL_ROLES) if i < azs else DATA_ROLES,
             }
         )
     return nodes
@@ -79,11 +91,12 @@ class Region:
         base_ip: str = DEFAULT_BASE_IP,
         settings: dict[str, Any] | None = None,
         ports: Ports = Ports(),
+        layout: str = "combined",
     ) -> Region:
         region = cls(root)
         if (region.root / "region.toml").exists():
             raise RegionError(f"{region.root} already holds a region; `flint cluster down --dir {region.root}` first")
-        plan = plan_nodes(nodes, azs, base_ip)
+        plan = plan_nodes(nodes, azs, base_ip, layout)
         for node in plan:
             _check_free(node["address"], ports)
         region.root.mkdir(parents=True, exist_ok=True)
@@ -296,23 +309,30 @@ class Region:
             )
         )
 
-    def ensure_tenant(self, tenant: str = DEFAULT_TENANT) -> None:
-        """Register the tenant's public key with the registry (idempotent)."""
-        key = KeyPair.load(self.root / "tenants" / f"{tenant}.key")
+    def call(self, service: str, msg: m.Message, *, node: str | None = None, timeout_s: float = 10.0) -> dict:
+        """Operator call with the cluster key: to `service` on `node`, or on any control node."""
 
-        async def go() -> None:
+        async def go() -> dict:
             keys = self.cluster_keys()
             ctx = zmq.asyncio.Context()
             pool = ClientPool(ctx, keys, keys.public)
             try:
-                config = self.config(self.nodes()[0]["node_id"])
-                fo = Failover(pool, config.control_endpoints("registry"))
-                await fo.call(m.CreateTenant(tenant=tenant, public_keys=(key.public.decode(),)), timeout_s=10)
+                if node is not None:
+                    resp = await pool.call(self.config(node).endpoint(service), msg, timeout_s=timeout_s)
+                else:
+                    config = self.config(self.nodes()[0]["node_id"])
+                    resp = await Failover(pool, config.control_endpoints(service)).call(msg, timeout_s=timeout_s)
+                return resp.fields
             finally:
                 pool.close()
                 ctx.destroy(linger=0)
 
-        asyncio.run(go())
+        return asyncio.run(go())
+
+    def ensure_tenant(self, tenant: str = DEFAULT_TENANT) -> None:
+        """Register the tenant's public key with the registry (idempotent)."""
+        key = KeyPair.load(self.root / "tenants" / f"{tenant}.key")
+        self.call("registry", m.CreateTenant(tenant=tenant, public_keys=(key.public.decode(),)))
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from nodes.runtime import Runtime
 from wire import messages as m
 from wire.raft import RaftGroup
-from wire.sockets import Request
+from wire.errors import FlintError
+from wire.sockets import Request, new_request_id
 
 log = structlog.get_logger("placement")
 
@@ -21,7 +24,23 @@ class PlacementService:
         server = self.rt.server(
             "placement", {m.Register: self.register, m.Heartbeat: self.heartbeat, m.ListNodes: self.list_nodes}
         )
-        await server.serve()
+        ticker = asyncio.get_running_loop().create_task(self._tick(), name="placement-tick")
+        try:
+            await server.serve()
+        finally:
+            ticker.cancel()
+
+    async def _tick(self) -> None:
+        """The leader commits a tick each heartbeat interval, so health can tell 'the node went quiet' from
+        'placement itself could not commit'."""
+        interval = self.rt.config.settings.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self.group.status()["state"] == "leader":
+                try:
+                    await self.group.submit("tick", {}, request_id=new_request_id(), timeout_s=interval)
+                except FlintError:
+                    pass
 
     async def register(self, req: Request) -> dict:
         node = req.msg.node

@@ -32,6 +32,7 @@ class PlacementState:
     def __init__(self, heartbeat_timeout_s: float = HEARTBEAT_INTERVAL_S * MISSED_HEARTBEATS):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.nodes: dict[str, NodeRecord] = {}
+        self.last_tick = 0.0  # the placement leader commits a tick each interval: proof the group is committing
 
     # --- commands ------------------------------------------------------------------------------------------------
 
@@ -42,6 +43,9 @@ class PlacementState:
         incarnation = old.incarnation + 1 if old else 1
         self.nodes[node_id] = NodeRecord(dict(node), now, now, incarnation=incarnation)
         return incarnation
+
+    def cmd_tick(self, now: float) -> None:
+        self.last_tick = max(self.last_tick, now)
 
     def cmd_heartbeat(self, now: float, node_id: str, sandboxes: int = 0, memory_used_mb: int = 0) -> int:
         record = self.nodes.get(node_id)
@@ -55,8 +59,18 @@ class PlacementState:
     # --- reads ---------------------------------------------------------------------------------------------------
 
     def is_healthy(self, node_id: str, now: float) -> bool:
+        """A node is unhealthy when it missed heartbeats that others made. Ages count from the last moment the
+        group is known to have committed (a tick or any heartbeat), not from the clock alone: while the placement group itself cannot commit (a
+        leader election, a lost quorum), every node keeps the health it had instead of all turning unhealthy."""
         record = self.nodes.get(node_id)
-        return record is not None and now - record.last_heartbeat <= self.heartbeat_timeout_s
+        if record is None:
+            return False
+        reference = min(now, self.newest_heartbeat())
+        return reference - record.last_heartbeat <= self.heartbeat_timeout_s
+
+    def newest_heartbeat(self) -> float:
+        """The last moment the group is known to have been committing: a tick or any node's heartbeat."""
+        return max([self.last_tick, *(r.last_heartbeat for r in self.nodes.values())])
 
     def healthy(self, now: float, role: str | None = None) -> list[NodeRecord]:
         return [
@@ -74,6 +88,7 @@ class PlacementState:
                     **r.info,
                     "healthy": self.is_healthy(r.node_id, now),
                     "last_heartbeat_age_s": round(max(0.0, now - r.last_heartbeat), 3),
+                    "placement_stalled_s": round(max(0.0, now - self.newest_heartbeat()), 3),
                     "sandboxes": r.sandboxes,
                     "memory_used_mb": r.memory_used_mb,
                     "incarnation": r.incarnation,

@@ -26,10 +26,11 @@ def base_ip() -> str:
     return fresh_base_ip()
 
 
-def start_region(tmp_path: Path, *, nodes: int = 3, azs: int = 3, settings: dict | None = None):
+def start_region(tmp_path: Path, *, nodes: int = 3, azs: int = 3, settings: dict | None = None, layout: str = "combined"):
     from nodes.local import Region
 
-    region = Region.create(tmp_path / "region", nodes=nodes, azs=azs, base_ip=fresh_base_ip(), settings=settings)
+    region = Region.create(tmp_path / "region", nodes=nodes, azs=azs, base_ip=fresh_base_ip(), settings=settings,
+                           layout=layout)
     region.start()
     try:
         region.wait_healthy(60)

@@ -1,6 +1,9 @@
 """The ledger and the frontends' wallets together, on a simulated clock: whatever the sequence of grants,
-renewals, returns, expiries, limit and reservation changes, clock skews, crashed and paused frontends, no
-admission ever takes the executions in flight in a pool past its capacity."""
+renewals, returns, expiries, limit and reservation changes, clock skews, crashed and paused frontends and
+counting outages, no admission ever takes the executions in flight in a pool past its capacity.
+
+One stated bound: a frontend that misses the push announcing a lower limit (it was paused) learns of it at its
+next renewal, so for at most one lease after the change the bound is the higher of the old and new capacity."""
 
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ class Region:
         self.admitted = 0
         self.skew = 0.0
         self.outage = False  # the counting service is unreachable: frontends live on the credits they hold
+        self.history: list[tuple[float, str, int]] = []  # (when, pool, capacity) at each change
+        self.missed_push_at: float | None = None
 
     # the ledger sees the proposer's clock, a little off from the frontends' (within the skew margin)
     def ledger_now(self) -> float:
@@ -63,7 +68,8 @@ class Region:
         for endpoint in endpoints:
             i = int(endpoint[2:])
             if i in self.paused:
-                continue  # a paused frontend misses the push; it must still be safe
+                self.missed_push_at = self.now  # a paused frontend misses the push
+                continue
             self.wallets[i].revise("t")
             self.tick_holder(i)
 
@@ -93,7 +99,14 @@ class Region:
         self.executions.append(Execution(i, pool, self.now + duration, ticket))
         self.admitted += 1
         capacity = self.ledger.capacity("t", pool)
+        if self.missed_push_at is not None and self.now - self.missed_push_at <= LEASE_S:
+            window = [c for (t, p, c) in self.history if p == pool and self.now - t <= LEASE_S + 0.5]
+            capacity = max([capacity, *window])
         assert self.in_flight(pool) <= capacity, f"{self.in_flight(pool)} executions in pool {pool!r} > {capacity}"
+
+    def record(self) -> None:
+        for pool in {"", "r", *self.ledger.reserved.get("t", {})}:
+            self.history.append((self.now, pool, self.ledger.capacity("t", pool)))
 
     def advance(self, dt: float) -> None:
         self.now += dt
@@ -150,16 +163,19 @@ def test_no_admission_ever_takes_a_pool_past_its_capacity(steps):
         elif kind == "advance":
             region.advance(step[1])
         elif kind == "limit":
+            region.record()
             try:
                 region.deliver(region.ledger.cmd_set_limit(region.ledger_now(), "t", step[1])["revise"])
             except InvalidParameterValueException:
                 pass
         elif kind == "reserve":
+            region.record()
             try:
                 region.deliver(region.ledger.cmd_set_reserved(region.ledger_now(), "t", "r", step[1])["revise"])
             except InvalidParameterValueException:
                 pass
         elif kind == "unreserve":
+            region.record()
             if "r" in region.ledger.reserved.get("t", {}):
                 region.deliver(region.ledger.cmd_set_reserved(region.ledger_now(), "t", "r", None)["revise"])
         elif kind == "crash":
@@ -298,3 +314,20 @@ def test_executions_of_a_frontend_that_dies_cut_off_keep_their_credits_until_the
     before = region.admitted
     region.admit(1, "f", 0.1)
     assert region.admitted == before, "credits of running executions were handed out again"
+
+
+def test_when_every_frontend_hears_a_lower_limit_it_holds_at_once():
+    region = Region(limit=6)
+    for i in range(3):
+        region.admit(i, "f", 1.9)
+        region.admit(i, "f", 1.9)
+    region.deliver(region.ledger.cmd_set_limit(region.ledger_now(), "t", 3)["revise"])
+    before = region.admitted
+    region.advance(0.5)
+    for i in range(3):
+        region.admit(i, "f", 0.1)
+    assert region.admitted == before  # six still run under a limit of three: nothing new
+    region.advance(1.5)  # all six have ended
+    for i in range(3):
+        region.admit(i, "f", 0.1)
+    assert region.admitted == before + 3
