@@ -71,8 +71,19 @@ class CountingService:
             tenants = [req.msg.tenant] if req.msg.tenant else sorted(
                 set(ledger.limits) | set(ledger.reserved) | {lease.tenant for lease in ledger.leases.values()}
             )
+            leases = [
+                {
+                    "lease_id": lease.lease_id, "holder": lease.holder, "tenant": lease.tenant,
+                    "pool": lease.pool or "(unreserved)", "credits": lease.credits, "in_use": lease.in_use,
+                    "demand": lease.demand, "target": lease.target,
+                    "expires_in_s": round(lease.expires_at - now, 2), "free_in_s": round(lease.free_at - now, 2),
+                }
+                for lease in ledger.leases.values()
+                if lease.tenant in tenants and lease.free_at > now
+            ]
             return {
                 "tenants": {t: ledger.tenant_view(t, now) for t in tenants},
+                "lease_details": leases,
                 "leases": len(ledger.leases),
                 "digest": ledger.digest(),
                 "raft": self.group.status(),

@@ -156,10 +156,18 @@ class Ledger:
         lease.credits = credits
         lease.in_use = in_use
         lease.demand = want
-        # Over capacity (the limit was lowered under running executions): this lease must shed the excess
-        # before it admits again, so it may only use credits up to its target as its executions finish.
+        # A target is recomputed at every renewal and stays until the holder has come down to it:
+        # - over capacity (the limit was lowered under running executions): shed the excess;
+        # - others are short of credits: come down to a fair share.
+        # The holder keeps what runs but admits nothing beyond its target as its executions finish.
         over = self.held(tenant, pool, now) - cap
-        lease.target = max(0, credits - over) if over > 0 else None
+        share = self._fair_share(tenant, pool, cap, lease_id, now)
+        if over > 0:
+            lease.target = max(0, credits - over)
+        elif credits > share and self._others_short(tenant, pool, lease_id, now):
+            lease.target = share
+        else:
+            lease.target = None
         lease.max_timeout_s = max(lease.max_timeout_s, max_timeout_s)
         lease.expires_at = now + duration_s
         lease.free_at = lease.expires_at + lease.max_timeout_s + self.cold_start_allowance_s
@@ -249,7 +257,7 @@ class Ledger:
         )
 
     def _share(self, tenant: str, pool: str, cap: int, exclude: str) -> tuple[list[str], int]:
-        """A request went short: ask holders sitting above their fair share to give back their idle credits."""
+        """A request went short: ask holders above their fair share to come down to it."""
         active = [lease for lease in self.pool_leases(tenant, pool) if lease.demand > 0 or lease.in_use > 0]
         share = math.ceil(cap / max(1, len(active)))
         revise: list[str] = []
@@ -257,10 +265,10 @@ class Ledger:
         for lease in self.pool_leases(tenant, pool):
             if lease.lease_id == exclude:
                 continue
-            floor = max(share, lease.in_use)
-            if lease.credits > floor:
-                lease.target = floor
-                reclaimable += lease.credits - floor
+            if lease.credits > share:
+                # busy or idle, it comes down to the share: idle credits at once, busy ones as executions end
+                lease.target = share
+                reclaimable += lease.credits - share
                 if lease.endpoint not in revise:
                     revise.append(lease.endpoint)
         return revise, reclaimable

@@ -156,7 +156,10 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path):
         print(f"peak concurrency {peak} (limit {LIMIT}); outcomes {dict(load.outcomes)}")
         assert peak <= LIMIT, f"{peak} executions ran at once under a limit of {LIMIT}"
         ok = {fe: load.outcomes[(fe, "ok")] for fe in FRONTENDS}
-        assert sum(ok.values()) > 50 and ok["n6"] > 0 and ok["n4"] > 0, load.outcomes
+        total = sum(ok.values())
+        assert total > 50, load.outcomes
+        # fair sharing: no frontend starves while another holds the limit (n5 dies early, so it is not counted)
+        assert min(ok["n4"], ok["n6"]) >= 0.15 * total, load.outcomes
         assert peak >= LIMIT - 1, "the load should have pressed against the limit"
 
         # 2. every credit back within the bound: lease + longest timeout + cold-start allowance (+ idle return)
