@@ -30,10 +30,10 @@ class CountingService:
         server = self.rt.server(
             "counting",
             {
-                m.LeaseCredits: self.lease,
-                m.ReleaseLease: self.release_lease,
-                m.SetLimit: self.set_limit,
-                m.SetReserved: self.set_reserved,
+                m.LeaseCredits: self.rt.at_leader("counting", "counting", self.lease),
+                m.ReleaseLease: self.rt.at_leader("counting", "counting", self.release_lease),
+                m.SetLimit: self.rt.at_leader("counting", "counting", self.set_limit),
+                m.SetReserved: self.rt.at_leader("counting", "counting", self.set_reserved),
                 m.CountingStatus: self.status,
             },
         )

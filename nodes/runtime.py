@@ -11,7 +11,8 @@ from nodes.config import NodeConfig
 from wire.keys import KeyPair
 from wire.raft import RaftGroup
 from wire.schema import Message
-from wire.sockets import CLUSTER, Authenticator, ClientPool, Failover, Handler, Server
+from wire.errors import PeerUnavailable
+from wire.sockets import CLUSTER, Authenticator, ClientPool, Failover, Handler, Reply, Server
 
 
 class Runtime:
@@ -41,6 +42,29 @@ class Runtime:
             failover = Failover(self.pool, self.config.control_endpoints(service))
             self._failovers[service] = failover
         return failover
+
+    def at_leader(self, group: str, service: str, handler: Handler) -> Handler:
+        """Wrap a handler that commits to `group`: on a follower that knows the leader, the whole request goes
+        to the leader's `service` (one ZeroMQ hop) and its reply comes back verbatim, rather than the command
+        crossing pysyncobj's forwarding and waiting for the commit index to reach this replica. The request id
+        is kept, so a retry anywhere is applied at most once. If the leader cannot be reached that way, the
+        handler runs here and pysyncobj forwards the command."""
+
+        async def wrapped(req: Any) -> Any:
+            raft = self.groups.get(group)
+            leader = raft.leader_host() if raft is not None else None
+            if leader is not None:
+                try:
+                    resp = await self.pool.call(
+                        self.config.endpoint(service, leader), req.msg, req.payload, request_id=req.id,
+                        timeout_s=max(0.05, min(req.remaining_s(3.0), 3.0)),
+                    )
+                    return Reply(resp.fields, resp.payload)
+                except PeerUnavailable:
+                    pass
+            return await handler(req)
+
+        return wrapped
 
     def server(
         self,

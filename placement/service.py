@@ -22,7 +22,12 @@ class PlacementService:
 
     async def run(self) -> None:
         server = self.rt.server(
-            "placement", {m.Register: self.register, m.Heartbeat: self.heartbeat, m.ListNodes: self.list_nodes}
+            "placement",
+            {
+                m.Register: self.rt.at_leader("placement", "placement", self.register),
+                m.Heartbeat: self.rt.at_leader("placement", "placement", self.heartbeat),
+                m.ListNodes: self.list_nodes,
+            },
         )
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="placement-tick")
         try:

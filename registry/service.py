@@ -27,13 +27,13 @@ class RegistryService:
         server = self.rt.server(
             "registry",
             {
-                m.RegistryCreateFunction: self.create_function,
+                m.RegistryCreateFunction: self.rt.at_leader("control", "registry", self.create_function),
                 m.RegistryGetFunction: self.get_function,
                 m.RegistryListFunctions: self.list_functions,
-                m.RegistryDeleteFunction: self.delete_function,
+                m.RegistryDeleteFunction: self.rt.at_leader("control", "registry", self.delete_function),
                 m.PutBlob: self.put_blob,
                 m.GetBlob: self.get_blob,
-                m.CreateTenant: self.create_tenant,
+                m.CreateTenant: self.rt.at_leader("control", "registry", self.create_tenant),
                 m.ListTenants: self.list_tenants,
             },
         )

@@ -173,6 +173,17 @@ class RaftGroup:
     def has_leader(self) -> bool:
         return self.sync._getLeader() is not None
 
+    @property
+    def is_leader(self) -> bool:
+        return self.sync._isLeader()
+
+    def leader_host(self) -> str | None:
+        """The leader's cluster address (host only), if one is known and it is not this replica."""
+        leader = self.sync._getLeader()
+        if leader is None or self.is_leader:
+            return None
+        return str(leader.address).rsplit(":", 1)[0]
+
     def close(self) -> None:
         self.sync.destroy()
 
