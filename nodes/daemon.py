@@ -211,8 +211,9 @@ class Node:
 
             raise ResourceNotFoundException(f"node {self.config.node_id} has no role {req.msg.role}")
         log.warning("fault.injected", role=req.msg.role, fault=req.msg.fault)
-        runner.crash.set()
-        return {"role": req.msg.role, "fault": req.msg.fault}
+        # answer first: the crash may end the node, and the operator should still hear that it was injected
+        asyncio.get_running_loop().call_later(0.05, runner.crash.set)
+        return {"role": req.msg.role, "fault": req.msg.fault, "in_s": 0.05}
 
 
 def main(config_path: str, *, log_level: str = "info") -> int:
