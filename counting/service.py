@@ -13,7 +13,7 @@ import structlog
 from counting.state import Ledger
 from nodes.runtime import Runtime
 from wire import messages as m
-from wire.errors import FlintError
+from wire.errors import FlintError, PeerUnavailable, ServiceException
 from wire.raft import RaftGroup
 from wire.sockets import Request
 
@@ -21,10 +21,17 @@ log = structlog.get_logger("counting")
 
 
 class CountingService:
-    def __init__(self, rt: Runtime, group: RaftGroup):
+    def __init__(self, rt: Runtime):
         self.rt = rt
-        self.group = group
         self._background: set[asyncio.Task] = set()
+
+    @property
+    def group(self) -> RaftGroup:
+        """This node's counting replica; it can be removed at run time, so it is looked up per request."""
+        group = self.rt.groups.get("counting")
+        if group is None:
+            raise PeerUnavailable(f"node {self.rt.node_id} holds no counting replica", reason="NotAReplica")
+        return group
 
     async def run(self) -> None:
         server = self.rt.server(
@@ -35,6 +42,8 @@ class CountingService:
                 m.SetLimit: self.rt.at_leader("counting", "counting", self.set_limit),
                 m.SetReserved: self.rt.at_leader("counting", "counting", self.set_reserved),
                 m.CountingStatus: self.status,
+                m.CountingMembers: self.members,
+                m.ChangeMembers: self.rt.at_leader("counting", "counting", self.change_members),
             },
         )
         await server.serve()
@@ -88,6 +97,27 @@ class CountingService:
                 "digest": ledger.digest(),
                 "raft": self.group.status(),
             }
+
+    async def members(self, req: Request) -> dict:
+        return {"members": self.group.members(), "self": self.group.config.self_address}
+
+    async def change_members(self, req: Request) -> dict:
+        """Runs at the leader. Removing the leader itself first hands leadership to a caught-up follower."""
+        group = self.group
+        action, address = req.msg.action, req.msg.address
+        if action == "remove" and address == group.config.self_address:
+            # the leader leaving: hand over, then let the new leader remove us (it can see that commit; we cannot)
+            if group.is_leader:
+                await group.hand_over(timeout_s=min(5.0, req.remaining_s(10)))
+            leader = group.leader_host()
+            if leader is None:
+                raise ServiceException("no other counting leader to hand over to; retry in a moment")
+            resp = await self.rt.pool.call(self.rt.config.endpoint("counting", leader), req.msg,
+                                           request_id=f"{req.id}~", timeout_s=req.remaining_s(10))
+            return resp.fields
+        await group.change(action, address, timeout_s=req.remaining_s(10))
+        log.info("counting.members_changed", action=action, member=address)
+        return {"members": group.members()}
 
     def _push(self, endpoints, tenant: str) -> None:
         for endpoint in endpoints:

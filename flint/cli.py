@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--base-ip", default="127.77.0.1", help="first node's loopback address (default 127.77.0.1)")
     up.add_argument("--keep-alive-s", type=float, help="idle sandbox keep-alive in seconds (default 600)")
     up.add_argument("--timeout-s", type=float, default=90.0, help="how long to wait for health (default 90)")
+    up.add_argument("--layout", choices=["combined", "dedicated"], default="combined",
+                    help="combined: control nodes also run functions; dedicated: they only run control")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", help="nodes, AZs, roles, health, Raft roles (L=leader, F=follower)")
     st.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
@@ -105,6 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (create, get, ls, rm):
         sp.add_argument("--region", type=Path, default=None, help=region_help)
     fn.set_defaults(func=lambda a: _usage(fn))
+
+    conc = fsub.add_parser("concurrency", help="show, set or remove a function's reserved concurrency")
+    conc.add_argument("name")
+    group = conc.add_mutually_exclusive_group()
+    group.add_argument("--reserved", type=int, metavar="N",
+                       help="reserve N executions out of the tenant's limit (0 throttles the function)")
+    group.add_argument("--delete", action="store_true", help="remove the reservation (back to the shared pool)")
+    conc.add_argument("--region", type=Path, default=None, help=region_help)
+    conc.set_defaults(func=cmd_function_concurrency)
+
+    tenant = sub.add_parser("tenant", help="operator: tenants' concurrency limits (needs the region's cluster key)")
+    tsub = tenant.add_subparsers(metavar="ACTION")
+    tlimit = tsub.add_parser("limit", help="show a tenant's concurrency limit and use, or set it (takes effect at once)")
+    tlimit.add_argument("tenant")
+    tlimit.add_argument("limit", type=int, nargs="?", help="the new limit (omit to show the current one)")
+    tlimit.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+    tlimit.set_defaults(func=cmd_tenant_limit)
+    tenant.set_defaults(func=lambda a: _usage(tenant))
+
+    counting = sub.add_parser("counting", help="operator: the counting service's ledger and its replicas")
+    ksub = counting.add_subparsers(metavar="ACTION")
+    kst = ksub.add_parser("status", help="limits, pools, credits held and in use, leases; replica agreement")
+    kst.add_argument("--tenant", default=None)
+    kst.add_argument("--json", action="store_true")
+    kmem = ksub.add_parser("members", help="the counting replicas, which one leads, which are connected")
+    kadd = ksub.add_parser("add", help="start a counting replica on NODE and add it to the group")
+    kadd.add_argument("node")
+    krm = ksub.add_parser("remove", help="remove NODE's counting replica (leadership is handed over first)")
+    krm.add_argument("node")
+    for sp, fn in ((kst, cmd_counting_status), (kmem, cmd_counting_members), (kadd, cmd_counting_add),
+                   (krm, cmd_counting_remove)):
+        sp.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+        sp.set_defaults(func=fn)
+    counting.set_defaults(func=lambda a: _usage(counting))
 
     inv = sub.add_parser("invoke", help="invoke a function and print its result")
     inv.add_argument("name", help="function name, optionally NAME:QUALIFIER")
@@ -152,7 +188,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             print(f"restarting the stopped region at {region.root} (its data is kept)")
     else:
         settings = {"keep_alive_s": args.keep_alive_s} if args.keep_alive_s else None
-        region = Region.create(args.dir, nodes=args.nodes, azs=args.azs, base_ip=args.base_ip, settings=settings)
+        region = Region.create(args.dir, nodes=args.nodes, azs=args.azs, base_ip=args.base_ip, settings=settings,
+                               layout=args.layout)
         print(f"created a region of {args.nodes} nodes in {args.azs} AZs at {region.root}")
     region.start()
     _wait(region, args.timeout_s)
@@ -258,6 +295,101 @@ def cmd_function_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.delete_function(args.name)
     print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_function_concurrency(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.reserved is not None:
+            client.put_function_concurrency(args.name, args.reserved)
+            print(f"{args.name}: {args.reserved} reserved concurrent executions"
+                  + (" (0: the function is throttled)" if args.reserved == 0 else ""))
+        elif args.delete:
+            client.delete_function_concurrency(args.name)
+            print(f"{args.name}: no reservation; it shares the tenant's unreserved pool")
+        else:
+            info = client.get_function_concurrency(args.name)
+            reserved = info.get("reserved_concurrency")
+            print(f"{args.name}: " + (f"{reserved} reserved" if reserved is not None else "no reservation (shared pool)")
+                  + f"; tenant limit {info.get('tenant_limit')}, at least {info.get('unreserved_min')} stay unreserved")
+    return 0
+
+
+# --- operator: limits and the counting group ---------------------------------------------------------------------
+
+
+def _region(args: argparse.Namespace):
+    from nodes.local import Region
+
+    return Region(args.dir)
+
+
+def cmd_tenant_limit(args: argparse.Namespace) -> int:
+    from wire import messages as m
+
+    region = _region(args)
+    if args.limit is not None:
+        region.call("counting", m.SetLimit(tenant=args.tenant, limit=args.limit))
+    status = region.call("counting", m.CountingStatus(tenant=args.tenant))
+    view = status["tenants"][args.tenant]
+    pools = view["pools"]
+    in_use = sum(p["in_use"] for p in pools.values())
+    print(f"tenant {args.tenant}: limit {view['limit']}, {in_use} executing now, "
+          f"{sum(view['reserved'].values())} reserved by {len(view['reserved'])} function(s)")
+    return 0
+
+
+def cmd_counting_status(args: argparse.Namespace) -> int:
+    from wire import messages as m
+
+    region = _region(args)
+    status = region.call("counting", m.CountingStatus(tenant=args.tenant))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    for tenant, view in status["tenants"].items():
+        print(f"tenant {tenant}: limit {view['limit']} (unreserved min {view['unreserved_min']})")
+        for pool, p in view["pools"].items():
+            print(f"  pool {pool:<24} capacity {p['capacity']:>6}  held {p['held']:>6}  in use {p['in_use']:>6}  "
+                  f"leases {p['leases']}")
+    leases = status.get("lease_details", [])
+    if leases:
+        print(f"\n{'LEASE':<28} {'TENANT':<12} {'POOL':<14} {'CREDITS':>7} {'IN USE':>6} {'TARGET':>6} {'EXPIRES':>8}")
+        for lease in leases:
+            target = "-" if lease["target"] is None else str(lease["target"])
+            print(f"{lease['lease_id']:<28} {lease['tenant']:<12} {lease['pool']:<14} {lease['credits']:>7} "
+                  f"{lease['in_use']:>6} {target:>6} {lease['expires_in_s']:>7.1f}s")
+    raft = status["raft"]
+    print(f"\nraft: replica {raft['self']} is {raft['state']}, leader {raft['leader'] or 'unknown'}, "
+          f"commit {raft['commit_idx']}, ledger digest {status['digest']}")
+    return 0
+
+
+def _print_members(members: list[dict]) -> None:
+    print(f"{'NODE':<6} {'ADDRESS':<22} {'ROLE':<9} CONNECTED")
+    for mb in members:
+        print(f"{mb['node']:<6} {mb['address']:<22} {'leader' if mb['leader'] else 'follower':<9} "
+              f"{'yes' if mb['connected'] else 'no'}")
+    n = len(members)
+    if n % 2 == 0:
+        print(f"note: {n} replicas tolerate {(n - 1) // 2} failure(s), no more than {n - 1} would; "
+              "an odd count is better")
+
+
+def cmd_counting_members(args: argparse.Namespace) -> int:
+    _print_members(_region(args).counting_members())
+    return 0
+
+
+def cmd_counting_add(args: argparse.Namespace) -> int:
+    print(f"adding a counting replica on {args.node}...", flush=True)
+    _print_members(_region(args).counting_add(args.node))
+    return 0
+
+
+def cmd_counting_remove(args: argparse.Namespace) -> int:
+    print(f"removing {args.node}'s counting replica...", flush=True)
+    _print_members(_region(args).counting_remove(args.node))
     return 0
 
 

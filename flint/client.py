@@ -157,6 +157,16 @@ class AsyncClient:
     async def delete_function(self, name: str) -> None:
         await self._call(m.DeleteFunction(name=name))
 
+    async def put_function_concurrency(self, name: str, reserved: int) -> int:
+        """Reserve `reserved` concurrent executions for the function (0 throttles it), out of the tenant's limit."""
+        return (await self._call(m.PutFunctionConcurrency(name=name, reserved=reserved))).fields["reserved_concurrency"]
+
+    async def delete_function_concurrency(self, name: str) -> None:
+        await self._call(m.DeleteFunctionConcurrency(name=name))
+
+    async def get_function_concurrency(self, name: str) -> dict[str, Any]:
+        return (await self._call(m.GetFunctionConcurrency(name=name))).fields
+
     def close(self) -> None:
         self.frontend.close()
 
@@ -194,6 +204,15 @@ class Client:
 
     def delete_function(self, name: str) -> None:
         self._run(self._async.delete_function(name))
+
+    def put_function_concurrency(self, name: str, reserved: int) -> int:
+        return self._run(self._async.put_function_concurrency(name, reserved))
+
+    def delete_function_concurrency(self, name: str) -> None:
+        self._run(self._async.delete_function_concurrency(name))
+
+    def get_function_concurrency(self, name: str) -> dict[str, Any]:
+        return self._run(self._async.get_function_concurrency(name))
 
     def close(self) -> None:
         self._async.close()

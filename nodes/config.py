@@ -60,6 +60,8 @@ class Settings:
     # How long after admission an execution may wait for its sandbox before its own timeout starts. The ledger
     # holds a lapsed lease's credits for expiry + the longest timeout + this; the worker refuses runs past it.
     cold_start_allowance_s: float = 12.0
+    default_tenant_limit: int = 1000  # counting: concurrent executions per tenant unless set otherwise
+    unreserved_min: int = 100  # counting: reservations must leave at least this much of a tenant's limit
 
 
 @dataclasses.dataclass(frozen=True)

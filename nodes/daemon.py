@@ -13,9 +13,12 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import structlog
+import tomli_w
 import uvloop
 
 from nodes.config import RAFT_GROUPS, NodeConfig
@@ -66,51 +69,86 @@ class Node:
         self.started = time.time()
         self.exit_code = 0
         self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
 
     async def run(self) -> int:
         c = self.config
         flog.bind(node=c.node_id, az=c.az)
         self.rt = rt = Runtime(c)
         rt.auth.start()
-        if "control" in c.roles:
-            self._start_raft(rt)
+        self._start_raft(rt)
         self._plan_roles(rt)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info("node.starting", roles=list(c.roles), address=c.address, pid=os.getpid())
-        tasks = [loop.create_task(self._supervise(r), name=f"supervise:{r.name}") for r in self.roles.values()]
+        self._tasks = [loop.create_task(self._supervise(r), name=f"supervise:{r.name}") for r in self.roles.values()]
         await self._stop.wait()
         log.info("node.stopping", exit_code=self.exit_code)
-        for t in tasks:
+        for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         rt.close()
         log.info("node.stopped", exit_code=self.exit_code)
         return self.exit_code
 
+    # --- Raft replicas ---------------------------------------------------------------------------------------------
+
+    @property
+    def _hosting_file(self) -> Path:
+        return self.config.data_dir / "raft" / "hosted.toml"
+
+    def _raft_plan(self) -> dict[str, list[str] | None]:
+        """group -> the peers of this node's replica, or None where it hosts none. Control nodes host every group
+        with the other control nodes as peers; membership changes made at run time override that (hosted.toml)."""
+        c = self.config
+        plan: dict[str, list[str] | None] = {
+            g: ([c.raft_address(g, a) for a in c.control_nodes if a != c.address] if "control" in c.roles else None)
+            for g in RAFT_GROUPS
+        }
+        if self._hosting_file.exists():
+            for group, entry in tomllib.loads(self._hosting_file.read_text()).items():
+                if group in plan:
+                    plan[group] = list(entry.get("peers", [])) if entry.get("hosted") else None
+        return plan
+
+    def _save_hosting(self, group: str, peers: list[str] | None) -> None:
+        current = tomllib.loads(self._hosting_file.read_text()) if self._hosting_file.exists() else {}
+        current[group] = {"hosted": peers is not None, "peers": list(peers or [])}
+        self._hosting_file.parent.mkdir(parents=True, exist_ok=True)
+        self._hosting_file.write_text(tomli_w.dumps(current))
+
     def _start_raft(self, rt: Runtime) -> None:
+        for group, peers in self._raft_plan().items():
+            if peers is not None:
+                self._start_group(rt, group, peers)
+
+    def _start_group(self, rt: Runtime, group: str, peers: list[str]) -> RaftGroup:
         c = self.config
         from counting.state import Ledger
         from placement.state import PlacementState
         from registry.state import RegistryState
 
-        password = cluster_password(c.keys_dir)
         states = {
-            "control": RegistryState(),
-            "counting": Ledger(cold_start_allowance_s=c.settings.cold_start_allowance_s),
-            "placement": PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats),
+            "control": RegistryState,
+            "counting": lambda: Ledger(
+                default_limit=c.settings.default_tenant_limit,
+                unreserved_min=c.settings.unreserved_min,
+                cold_start_allowance_s=c.settings.cold_start_allowance_s,
+            ),
+            "placement": lambda: PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats),
         }
-        for group in RAFT_GROUPS:
-            peers = [c.raft_address(group, a) for a in c.control_nodes if a != c.address]
-            cfg = GroupConfig(group, c.raft_address(group), peers, c.data_dir / "raft", password)
-            rt.groups[group] = RaftGroup(cfg, states[group])
+        cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir))
+        rt.groups[group] = RaftGroup(cfg, states[group]())
+        return rt.groups[group]
 
     def _plan_roles(self, rt: Runtime) -> None:
         c = self.config
         plans: dict[str, Callable[[], Awaitable[None]]] = {"admin": self._admin, "agent": self._agent}
         if "control" in c.roles:
             plans["control"] = self._control
+        elif "counting" in rt.groups:
+            plans["counting"] = self._counting_only  # a counting replica added to a non-control node
         if "worker" in c.roles:
             plans["worker"] = self._worker
         if "manager" in c.roles:
@@ -155,9 +193,15 @@ class Node:
         assert rt is not None
         await asyncio.gather(
             RegistryService(rt, rt.groups["control"]).run(),
-            CountingService(rt, rt.groups["counting"]).run(),
+            CountingService(rt).run(),
             PlacementService(rt, rt.groups["placement"]).run(),
         )
+
+    async def _counting_only(self) -> None:
+        from counting.service import CountingService
+
+        assert self.rt is not None
+        await CountingService(self.rt).run()
 
     async def _worker(self) -> None:
         from worker.service import WorkerService
@@ -185,7 +229,11 @@ class Node:
 
     async def _admin(self) -> None:
         assert self.rt is not None
-        server = self.rt.server("admin", {m.NodeStatus: self._status, m.InjectFault: self._inject})
+        server = self.rt.server(
+            "admin",
+            {m.NodeStatus: self._status, m.InjectFault: self._inject, m.RaftJoin: self._raft_join,
+             m.RaftLeave: self._raft_leave},
+        )
         await server.serve()
 
     async def _status(self, req: Request) -> dict:
@@ -214,6 +262,37 @@ class Node:
         # answer first: the crash may end the node, and the operator should still hear that it was injected
         asyncio.get_running_loop().call_later(0.05, runner.crash.set)
         return {"role": req.msg.role, "fault": req.msg.fault, "in_s": 0.05}
+
+
+    async def _raft_join(self, req: Request) -> dict:
+        rt = self.rt
+        assert rt is not None
+        group = req.msg.group
+        if group in rt.groups:
+            from wire.errors import ResourceConflictException
+
+            raise ResourceConflictException(f"node {self.config.node_id} already holds a {group} replica")
+        peers = [p for p in req.msg.peers if p != self.config.raft_address(group)]
+        self._start_group(rt, group, peers)
+        self._save_hosting(group, peers)
+        if group == "counting" and "control" not in self.config.roles and "counting" not in self.roles:
+            runner = RoleRunner("counting", self._counting_only)
+            self.roles["counting"] = runner
+            self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(runner)))
+        log.info("raft.joined", group=group, peers=peers)
+        return {"address": self.config.raft_address(group)}
+
+    async def _raft_leave(self, req: Request) -> dict:
+        rt = self.rt
+        assert rt is not None
+        group = req.msg.group
+        replica = rt.groups.pop(group, None)
+        if replica is not None:
+            await asyncio.to_thread(replica.close)
+            replica.erase()
+        self._save_hosting(group, None)
+        log.info("raft.left", group=group)
+        return {"left": replica is not None}
 
 
 def main(config_path: str, *, log_level: str = "info") -> int:

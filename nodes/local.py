@@ -335,6 +335,45 @@ class Region:
         self.call("registry", m.CreateTenant(tenant=tenant, public_keys=(key.public.decode(),)))
 
 
+    # --- counting replicas ---------------------------------------------------------------------------------------
+
+    def counting_members(self) -> list[dict[str, Any]]:
+        members = self.call("counting", m.CountingMembers(), timeout_s=3.0)["members"]
+        by_address = {self.config(n["node_id"]).raft_address("counting"): n["node_id"] for n in self.nodes()}
+        return [{**mb, "node": by_address.get(mb["address"], "?")} for mb in members]
+
+    def counting_add(self, node_id: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Start a counting replica on `node_id` and add it to the group; returns when it has caught up."""
+        members = self.counting_members()
+        address = self.config(node_id).raft_address("counting")
+        if any(mb["address"] == address for mb in members):
+            raise RegionError(f"{node_id} already holds a counting replica")
+        if self.pid(node_id) is None:
+            raise RegionError(f"{node_id} is not running; start it first")
+        self.call("admin", m.RaftJoin(group="counting", peers=tuple(mb["address"] for mb in members)), node=node_id)
+        self.call("counting", m.ChangeMembers(action="add", address=address), timeout_s=15.0)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.call("admin", m.NodeStatus(), node=node_id)["raft"].get("counting", {})
+            if status.get("leader") and status.get("ready"):
+                return self.counting_members()
+            time.sleep(0.2)
+        raise RegionError(f"the new replica on {node_id} did not catch up within {timeout_s:.0f}s")
+
+    def counting_remove(self, node_id: str) -> list[dict[str, Any]]:
+        """Remove `node_id`'s counting replica from the group (handing over leadership first if it leads)."""
+        members = self.counting_members()
+        address = self.config(node_id).raft_address("counting")
+        if not any(mb["address"] == address for mb in members):
+            raise RegionError(f"{node_id} holds no counting replica")
+        if len(members) <= 1:
+            raise RegionError("cannot remove the last counting replica")
+        self.call("counting", m.ChangeMembers(action="remove", address=address), timeout_s=20.0)
+        if self.pid(node_id) is not None:
+            self.call("admin", m.RaftLeave(group="counting"), node=node_id)
+        return self.counting_members()
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

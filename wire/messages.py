@@ -214,6 +214,19 @@ class SetLimit(Message):
     limit: int = integer(0, 1_000_000)
 
 
+@message("counting.members")
+class CountingMembers(Message):
+    pass
+
+
+@message("counting.change_members")
+class ChangeMembers(Message):
+    """Add or remove one counting replica (its Raft address, host:port) at run time."""
+
+    action: str = text(8, choices=("add", "remove"))
+    address: str = text(255)
+
+
 @message("counting.status")
 class CountingStatus(Message):
     tenant: str | None = text(NAME_MAX, default=None)
@@ -314,6 +327,21 @@ class InjectFault(Message):
 
     role: str = text(32, choices=ROLES)
     fault: str = text(32, choices=("crash",))
+
+
+@message("node.raft_join")
+class RaftJoin(Message):
+    """Start a replica of `group` on this node, joining the members in `peers` (host:port each)."""
+
+    group: str = text(16, choices=("control", "counting", "placement"))
+    peers: tuple = text_list(16)
+
+
+@message("node.raft_leave")
+class RaftLeave(Message):
+    """Stop this node's replica of `group` (after it was removed from the group) and delete its journal."""
+
+    group: str = text(16, choices=("control", "counting", "placement"))
 
 
 __all__ = [name for name, obj in dict(globals()).items() if isinstance(obj, type) and issubclass(obj, Message)]

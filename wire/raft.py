@@ -184,8 +184,79 @@ class RaftGroup:
             return None
         return str(leader.address).rsplit(":", 1)[0]
 
+    def members(self) -> list[dict[str, Any]]:
+        """Every member this replica knows, itself included, with whether it is connected and which leads."""
+        raw = self.sync.getStatus()
+        leader = raw.get("leader")
+        leader = str(leader.address) if leader is not None else None
+        out = [{"address": self.config.self_address, "connected": True, "leader": leader == self.config.self_address}]
+        for key, value in raw.items():
+            if key.startswith("partner_node_status_server_"):
+                address = key[len("partner_node_status_server_"):]
+                out.append({"address": address, "connected": value == 2, "leader": leader == address})
+        return sorted(out, key=lambda m: m["address"])
+
+    async def change(self, action: str, address: str, timeout_s: float = 10.0) -> None:
+        """Add or remove another member, one change at a time, through the log. A fresh leader refuses changes
+        until its first entry commits, and a change refuses while the previous one is uncommitted: such refusals
+        are retried until the deadline. (A replica cannot remove itself: it would never see that commit.)"""
+        if action == "remove" and address == self.config.self_address:
+            raise ServiceException("a replica cannot remove itself; hand leadership over and ask the new leader")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last = "no attempt"
+        while loop.time() < deadline:
+            if self._membership_done(action, address):
+                return
+            fut: asyncio.Future = loop.create_future()
+
+            def done(result: Any, err: int, fut: asyncio.Future = fut) -> None:
+                loop.call_soon_threadsafe(_settle, fut, result, err)
+
+            if action == "add":
+                self.sync.addNodeToCluster(address, callback=done)
+            else:
+                self.sync.removeNodeFromCluster(address, callback=done)
+            try:
+                _, err = await asyncio.wait_for(fut, max(0.1, min(2.0, deadline - loop.time())))
+            except asyncio.TimeoutError:
+                last = "no commit"
+                continue
+            if err == FAIL_REASON.SUCCESS:
+                return
+            last = _reason_name(err)
+            await asyncio.sleep(0.2)
+        if self._membership_done(action, address):
+            return
+        raise ServiceException(
+            f"{self.config.name}: could not {action} {address} within {timeout_s:.0f}s ({last}); "
+            "check that a majority of replicas is up, then retry",
+            reason="MembershipChangeFailed",
+        )
+
+    def _membership_done(self, action: str, address: str) -> bool:
+        present = any(m["address"] == address for m in self.members())
+        return present if action == "add" else not present
+
+    async def hand_over(self, timeout_s: float = 5.0) -> None:
+        """Give up leadership to the most caught-up follower, and wait until another member leads."""
+        loop = asyncio.get_running_loop()
+        self.sync.transferLeadership(None, callback=lambda r, e: None)
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self.has_leader and not self.is_leader:
+                return
+            await asyncio.sleep(0.05)
+        raise ServiceException(f"{self.config.name} leadership did not move within {timeout_s:.0f}s")
+
     def close(self) -> None:
         self.sync.destroy()
+
+    def erase(self) -> None:
+        """Delete this replica's journal and dump (after it left the group)."""
+        for suffix in ("journal", "dump", "journal.meta"):
+            for path in self.config.data_dir.glob(f"{self.config.name}.{suffix}*"):
+                path.unlink(missing_ok=True)
 
 
 def _settle(fut: asyncio.Future, result: Any, err: int) -> None:

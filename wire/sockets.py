@@ -497,6 +497,11 @@ class ClientPool:
         self._clients.clear()
 
 
+# Answers that mean "ask another of the equivalent endpoints": this node holds no replica of the group, or its
+# replica is cut off from a majority while another node's may not be.
+MOVE_ON_REASONS = {"NotAReplica", "NoQuorum"}
+
+
 class Failover:
     """Calls one of several equivalent endpoints (the control nodes), moving on when one is unreachable.
 
@@ -529,8 +534,10 @@ class Failover:
                 response = await self.pool.call(
                     self.endpoints[index], msg, payload, timeout_s=timeout_s, request_id=rid
                 )
-            except PeerUnavailable as err:
-                last = err
+            except FlintError as err:
+                if not (isinstance(err, PeerUnavailable) or err.reason in MOVE_ON_REASONS):
+                    raise
+                last = PeerUnavailable(err.message, reason=err.reason) if not isinstance(err, PeerUnavailable) else err
                 continue
             self._preferred = index
             return response
