@@ -115,6 +115,7 @@ class FrontendService:
             environment=msg.environment,
             code_sha256=digest,
             code_size=size,
+            network=msg.network,
         )
         record = await self.registry.create_function(config, request_id=req.id)
         self.cache.forget(req.tenant, msg.name)

@@ -54,6 +54,9 @@ class Settings:
     role_restarts: int = 5  # a role that crashes more often than this within role_restart_window_s ends the node
     role_restart_window_s: float = 60.0
     max_sandboxes: int = 256  # per worker host
+    sandbox_pids_max: int = 64  # processes and threads per sandbox (a fork bomb stops here)
+    sandbox_tmp_mb: int = 64  # size of each sandbox's /tmp (a tmpfs, counted in the function's memory)
+    sandbox_pool: int = 4  # isolated slots kept prepared, so a cold start skips cgroup and namespace set-up
     shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight invokes get this long to finish
     record_executions: bool = False  # worker: log each execution's start/end (monotonic) to executions.log
     credit_lease_s: float = 3.0  # frontend: how long a credit lease lasts before it must be renewed

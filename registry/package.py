@@ -102,6 +102,9 @@ def unpack(data: bytes, dest: Path, *, unzipped_max_bytes: int = UNZIPPED_MAX_BY
                     out.write(chunk)
             mode = (info.external_attr >> 16) & 0o777
             os.chmod(target, 0o755 if mode & 0o100 else 0o644)
+    for path in [tmp, *tmp.rglob("*")]:  # sandboxes run as other uids: the tree must be theirs to read
+        if path.is_dir():
+            os.chmod(path, 0o755)
     if dest.exists():
         shutil.rmtree(dest)
     os.rename(tmp, dest)

@@ -29,7 +29,7 @@ MEMORY_MB_MIN, MEMORY_MB_MAX = 128, 10240
 TIMEOUT_S_MAX = 900
 ENV_MAX_BYTES = 4096
 INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
-RUNTIMES = ("python3",)
+RUNTIMES = ("python3", "provided")  # provided: a custom runtime, ./bootstrap in the code package
 ROLES = ("control", "frontend", "manager", "worker")
 
 
@@ -51,6 +51,7 @@ class FunctionConfig(Message):
     code_sha256: str = text(64)
     code_size: int = integer(0, ZIP_MAX_BYTES, default=0)
     created_ms: int = integer(0, default=0)
+    network: bool = flag(default=False)  # the sandbox gets the host's network instead of none
 
     @property
     def key(self) -> str:
@@ -89,6 +90,7 @@ class CreateFunction(Message):
     memory_mb: int = integer(MEMORY_MB_MIN, MEMORY_MB_MAX, default=128)
     timeout_s: float = number(0.001, TIMEOUT_S_MAX, default=3.0)
     environment: dict = text_map(256, default={})
+    network: bool = flag(default=False)
 
 
 @message("get_function")

@@ -1,8 +1,9 @@
-"""The Python runtime inside a sandbox. Started by the worker as `python -I bootstrap.py HANDLER`.
+"""The Python runtime inside a sandbox. Normally run by a fork of the zygote (worker/zygote.py) after isolation;
+it can also be started on its own as `python -I bootstrap.py HANDLER` with the channel on fds 0 and 1.
 
 Contract with the worker (documented in the README):
-- fd 0 / fd 1 at start: the control channel. Each message is a 4-byte big-endian length and one msgpack map.
-  The bootstrap moves them aside, so the handler's stdout and stderr both go to fd 2 (the sandbox log).
+- the control channel carries messages of a 4-byte big-endian length and one msgpack map; the handler's
+  stdout and stderr both go to the sandbox log.
 - First message out: {"t": "ready"} or {"t": "init_error", "error": {errorType, errorMessage, stackTrace}}.
 - Then per invoke, in: {"t": "invoke", "id", "deadline_ms", "payload", "log_tail"};
   out: {"t": "result", "payload"} or {"t": "error", "error": {...}}, plus "log" (the last 4 KB) if asked.
@@ -42,13 +43,20 @@ def _die_with_parent(parent: int) -> None:
 
 
 class Channel:
-    def __init__(self) -> None:
-        self.rfd = os.dup(0)
-        self.wfd = os.dup(1)
+    """The control channel: a socket (from the zygote) or the two pipe ends given at fds 0 and 1."""
+
+    def __init__(self, rfd: int, wfd: int):
+        self.rfd = rfd
+        self.wfd = wfd
+
+    @classmethod
+    def from_stdio(cls) -> Channel:
+        channel = cls(os.dup(0), os.dup(1))
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
         os.dup2(2, 1)  # the handler's stdout joins stderr in the sandbox log
+        return channel
 
     def read(self) -> dict | None:
         head = self._read_exact(4)
@@ -149,10 +157,16 @@ def log_tail(start: int) -> str:
 
 
 def main() -> None:
+    """Started on its own (`python -I bootstrap.py HANDLER`): a sandbox without a zygote."""
     parent = int(os.environ.pop("FLINT_WORKER_PID", "0")) or os.getppid()
     _die_with_parent(parent)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    channel = Channel()
+    serve(Channel.from_stdio(), sys.argv[1])
+
+
+def serve(channel: Channel, handler_spec: str) -> None:
+    """Load the handler, say ready (or why not), then run invokes until the worker closes the channel.
+    stdout and stderr (fds 1 and 2) are the sandbox log by now."""
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     logging.basicConfig(
@@ -160,7 +174,7 @@ def main() -> None:
     )
     sys.path.insert(0, os.getcwd())
     try:
-        handler = load_handler(sys.argv[1])
+        handler = load_handler(handler_spec)
     except _InitError as exc:
         traceback.print_exc()
         channel.write({"t": "init_error", "error": error_map(exc, exc.error_type, str(exc))})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from registry.package import unpack
 from wire import messages as m
 from wire.errors import FlintError, ServiceException
 from wire.sockets import Reply, Request, now_ms
-from worker.sandbox import ISOLATION, SandboxProcess
+from worker import isolation as iso
+from worker.sandbox import SandboxProcess, SlotPool, Zygote
 from worker.state import CodeCache, SandboxEntry, WorkerState
 
 log = structlog.get_logger("worker")
@@ -35,7 +37,12 @@ class WorkerService:
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
         self._seq = itertools.count()
-        rt.facts["isolation"] = ISOLATION
+        self.cgroups = iso.Cgroups(f"flint-{rt.node_id}") if os.geteuid() == 0 else None
+        self.caps = iso.probe(self.cgroups)
+        self.zygote = Zygote(self.caps, rt.config.cores)
+        self.pool = self._new_pool()
+        rt.facts["isolation"] = self.caps.label()
+        rt.facts["isolation_details"] = self.caps.details()
         # Operators (and the chaos tests) can have every execution's start and end recorded on this host's
         # monotonic clock: "S <t> <request id> <tenant> <function>" and "E <t> <request id>", flushed as written.
         self._journal = (
@@ -46,6 +53,10 @@ class WorkerService:
     async def run(self) -> None:
         shutil.rmtree(self.run_root, ignore_errors=True)  # sandboxes never outlive their worker process
         self.run_root.mkdir(parents=True, exist_ok=True)
+        if not self.caps.full:
+            log.warning("worker.partial_isolation", isolation=self.caps.label(), missing=self.caps.reasons)
+        await self.zygote.start()
+        self.pool.start()
         server = self.rt.server(
             "worker",
             {
@@ -64,6 +75,8 @@ class WorkerService:
         procs = list(self.processes.values())
         self.processes.clear()
         await asyncio.gather(*(p.close() for p in procs), return_exceptions=True)
+        await self.pool.close()
+        self.zygote.close()
 
     # --- handlers ------------------------------------------------------------------------------------------------
 
@@ -79,7 +92,9 @@ class WorkerService:
         entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager)
         self.state.add(entry, self.rt.now())
         try:
-            proc = await SandboxProcess.start(msg.sandbox_id, config, code_dir, self.run_root / msg.sandbox_id)
+            if not self.zygote.alive:
+                await self._restart_zygote()
+            proc = await SandboxProcess.start(msg.sandbox_id, config, code_dir, pool=self.pool)
         except Exception as exc:
             self.state.remove(msg.sandbox_id)
             log.exception("sandbox.start_failed", sandbox_id=msg.sandbox_id, function=config.name)
@@ -95,7 +110,7 @@ class WorkerService:
             cold_ms=round(proc.init_ms, 2),
             init_error=(proc.init_error or {}).get("errorType"),
         )
-        return {"init_ms": proc.init_ms, "isolation": ISOLATION}
+        return {"init_ms": proc.init_ms, "isolation": self.caps.label()}
 
     async def run_invoke(self, req: Request) -> Reply:
         msg = req.msg
@@ -139,12 +154,28 @@ class WorkerService:
 
     # --- internals -----------------------------------------------------------------------------------------------
 
+    async def _restart_zygote(self) -> None:
+        """The zygote died (its sandboxes died with it): forget them and start a new one."""
+        log.error("zygote.restarting", sandboxes_lost=len(self.processes))
+        for sandbox_id in list(self.processes):
+            await self._discard(sandbox_id)
+        await self.pool.close()
+        self.zygote.close()
+        self.zygote = Zygote(self.caps, self.rt.config.cores)
+        self.pool = self._new_pool()
+        await self.zygote.start()
+        self.pool.start()
+
+    def _new_pool(self) -> SlotPool:
+        settings = self.rt.config.settings
+        return SlotPool(self.zygote, self.cgroups, self.run_root, size=settings.sandbox_pool,
+                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb)
+
     async def _discard(self, sandbox_id: str) -> bool:
         entry = self.state.remove(sandbox_id)
         proc = self.processes.pop(sandbox_id, None)
         if proc is not None:
             await proc.close()
-            shutil.rmtree(proc.run_dir, ignore_errors=True)
         self._publish()
         return entry is not None
 

@@ -1,0 +1,397 @@
+"""What a sandbox is isolated with, and the system calls that do it.
+
+Applied in the sandbox process after the zygote forks it and before any tenant code runs (worker/zygote.py):
+cgroup (memory = the function's memory, pids, CPU in proportion to memory), new pid, mount, ipc, uts and network
+namespaces, a fresh read-only root with the runtime, the code at /var/task, a private /proc and a size-limited
+/tmp, an unprivileged uid with every capability dropped, no_new_privs, a seccomp filter, rlimits.
+
+Without root only the last four can be had (rlimits, no_new_privs, seccomp, and the process boundary itself);
+`probe()` says which apply here, and the worker reports it to placement and `flint cluster status`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import os
+import re
+import resource
+from pathlib import Path
+from typing import Any
+
+# --- constants from the kernel headers -----------------------------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# Refused inside every sandbox (EPERM), beyond what the dropped capabilities already forbid: no mounts, no
+# tracing, no BPF, no new namespaces, no kernel keyrings, no perf, no kernel modules, no kexec, and the like.
+DENIED_SYSCALLS = (
+    "mount", "umount2", "pivot_root", "chroot", "ptrace", "process_vm_readv", "process_vm_writev", "bpf",
+    "unshare", "setns", "keyctl", "add_key", "request_key", "perf_event_open", "init_module", "finit_module",
+    "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "open_by_handle_at",
+    "name_to_handle_at", "userfaultfd", "acct", "quotactl", "syslog", "iopl", "ioperm", "lookup_dcookie",
+    "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "mount_setattr",
+)
+NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET,
+                   CLONE_NEWCGROUP)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    SYS_pivot_root = 155  # x86_64
+    _check(_libc.syscall(ctypes.c_long(SYS_pivot_root), new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl {option}")
+
+
+def sethostname(name: str) -> None:
+    data = name.encode()
+    _check(_libc.sethostname(data, ctypes.c_size_t(len(data))), "sethostname")
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies; cleared by uid changes, so set again after dropping root."""
+    prctl(PR_SET_PDEATHSIG, 9)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def drop_capabilities() -> None:
+    """Empty the bounding and ambient sets; the switch to an unprivileged uid then empties the rest."""
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass
+
+
+def become(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def set_rlimits(tmp_mb: int) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    fsize = max(tmp_mb, 16) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+
+def seccomp_filter() -> Any:
+    """The filter every sandbox loads (pyseccomp over libseccomp). Built once in the zygote, loaded per sandbox."""
+    import pyseccomp as seccomp
+
+    f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        try:
+            f.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except (RuntimeError, ValueError, OSError):
+            pass  # a call this kernel/arch does not have
+    for flag in NAMESPACE_FLAGS:  # clone() asking for any new namespace
+        f.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+    try:
+        f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # its flags live in memory seccomp cannot read
+    except (RuntimeError, ValueError, OSError):
+        pass
+    return f
+
+
+# --- cgroups -----------------------------------------------------------------------------------------------------
+
+CPU_PERIOD_US = 100_000
+MB_PER_CORE = 1769  # as Lambda: a function with 1769 MB gets one full core
+
+
+def cpu_quota_us(memory_mb: int, cores: int) -> int:
+    return max(1000, min(cores * CPU_PERIOD_US, CPU_PERIOD_US * memory_mb // MB_PER_CORE))
+
+
+@dataclasses.dataclass
+class SandboxCgroup:
+    """The cgroup directories of one sandbox: where its processes go, and what to read after it dies."""
+
+    procs_files: list[str]  # a pid written to each joins the sandbox's cgroups
+    dirs: list[Path]
+    version: int
+
+    def configure(self, memory_mb: int) -> None:
+        """Set the function's memory on a prepared slot's cgroup (no process has to move)."""
+        limit = memory_mb * 1024 * 1024
+        if self.version == 1:
+            mem, _, cpu = self.dirs
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                # memsw must stay >= the memory limit: order the two writes by direction
+                current = int((mem / "memory.limit_in_bytes").read_text())
+                first, second = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+                if limit > current:
+                    first, second = second, first
+                _write(mem / first, limit)
+                _write(mem / second, limit)
+            else:
+                _write(mem / "memory.limit_in_bytes", limit)
+        else:
+            _write(self.dirs[0] / "memory.max", limit)
+
+    def limit_cpu(self, memory_mb: int, cores: int) -> None:
+        """The function's CPU share, applied once its runtime is ready: init runs unthrottled, as on Lambda."""
+        quota = cpu_quota_us(memory_mb, cores)
+        if self.version == 1:
+            _write(self.dirs[2] / "cpu.cfs_quota_us", quota)
+        else:
+            _write(self.dirs[0] / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in Path(self.procs_files[0]).read_text().split()]
+        except (OSError, ValueError, IndexError):
+            return []
+
+    def oom_killed(self) -> bool:
+        for d in self.dirs:
+            if self.version == 1 and (d / "memory.oom_control").exists():
+                text = (d / "memory.oom_control").read_text()
+                m = re.search(r"oom_kill (\d+)", text)
+                if m and int(m.group(1)) > 0:
+                    return True
+                if (d / "memory.failcnt").exists() and int((d / "memory.failcnt").read_text() or 0) > 0:
+                    limit = int((d / "memory.limit_in_bytes").read_text())
+                    peak = int((d / "memory.max_usage_in_bytes").read_text())
+                    return peak >= limit - 4 * 1024 * 1024
+            if self.version == 2 and (d / "memory.events").exists():
+                m = re.search(r"oom_kill (\d+)", (d / "memory.events").read_text())
+                return bool(m and int(m.group(1)) > 0)
+        return False
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+class Cgroups:
+    """Creates per-sandbox cgroups under the worker's own cgroup, on cgroup v1 (one hierarchy per controller)
+    or v2 (the unified hierarchy, controllers enabled down the subtree)."""
+
+    CONTROLLERS = ("memory", "pids", "cpu")
+
+    def __init__(self, name: str, mount: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")):
+        self.name = name
+        self.mount = mount
+        self.version = 0
+        self.parents: dict[str, Path] = {}
+        self.reason = ""
+        try:
+            self._discover(self_cgroup.read_text())
+        except OSError as exc:
+            self.reason = f"cgroups unreadable: {exc.strerror}"
+
+    def _discover(self, self_cgroup: str) -> None:
+        v1: dict[str, str] = {}
+        v2_path = None
+        for line in self_cgroup.splitlines():
+            parts = line.split(":", 2)
+            if len(parts) != 3:
+                continue
+            _, controllers, path = parts
+            if controllers == "":
+                v2_path = path
+            for c in controllers.split(","):
+                v1[c] = path
+        if all(c in v1 and (self.mount / c).is_dir() for c in self.CONTROLLERS):
+            parents = {c: self.mount / c / v1[c].lstrip("/") / self.name for c in self.CONTROLLERS}
+            if self._make(parents.values()):
+                self.version, self.parents = 1, parents
+            return
+        controllers_file = self.mount / "cgroup.controllers"
+        if v2_path is not None and controllers_file.exists():
+            available = controllers_file.read_text().split()
+            if not all(c in available for c in self.CONTROLLERS):
+                self.reason = f"cgroup v2 lacks controllers {set(self.CONTROLLERS) - set(available)}"
+                return
+            own = self.mount / v2_path.lstrip("/")
+            parent = own / self.name
+            try:
+                if not self._make([parent]):
+                    return
+                # a cgroup with processes cannot hand controllers to children: ours must be delegated to us
+                (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.CONTROLLERS))
+            except OSError as exc:
+                self.reason = f"cgroup v2 controllers not delegated here ({exc.strerror})"
+                return
+            self.version, self.parents = 2, {"unified": parent}
+            return
+        self.reason = "no cgroup hierarchy with memory, pids and cpu"
+
+    def _make(self, dirs) -> bool:
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+            return True
+        except OSError as exc:
+            self.reason = f"cannot create cgroups ({exc.strerror})"
+            return False
+
+    @property
+    def available(self) -> bool:
+        return self.version in (1, 2)
+
+    def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
+               quota_now: bool = True) -> SandboxCgroup:
+        limit = memory_mb * 1024 * 1024
+        quota = cpu_quota_us(memory_mb, cores)
+        if self.version == 1:
+            dirs = {c: p / sandbox_id for c, p in self.parents.items()}
+            for d in dirs.values():
+                d.mkdir(exist_ok=True)
+            _write(dirs["memory"] / "memory.limit_in_bytes", limit)
+            if (dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
+                _write(dirs["memory"] / "memory.memsw.limit_in_bytes", limit)  # no escape into swap
+            _write(dirs["memory"] / "memory.swappiness", 0, optional=True)
+            _write(dirs["pids"] / "pids.max", pids_max)
+            _write(dirs["cpu"] / "cpu.cfs_period_us", CPU_PERIOD_US)
+            _write(dirs["cpu"] / "cpu.cfs_quota_us", quota if quota_now else -1)
+            return SandboxCgroup([str(d / "cgroup.procs") for d in dirs.values()], list(dirs.values()), 1)
+        d = self.parents["unified"] / sandbox_id
+        d.mkdir(exist_ok=True)
+        _write(d / "memory.max", limit)
+        _write(d / "memory.swap.max", 0, optional=True)
+        _write(d / "pids.max", pids_max)
+        _write(d / "cpu.max", f"{quota if quota_now else 'max'} {CPU_PERIOD_US}")
+        return SandboxCgroup([str(d / "cgroup.procs")], [d], 2)
+
+
+def _write(path: Path, value: Any, optional: bool = False) -> None:
+    try:
+        path.write_text(str(value))
+    except OSError:
+        if not optional:
+            raise
+
+
+# --- what applies here -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Capabilities:
+    root: bool
+    namespaces: bool
+    cgroups: int  # 0, 1 or 2
+    seccomp: bool
+    reasons: list[str]
+
+    @property
+    def full(self) -> bool:
+        return self.root and self.namespaces and self.cgroups > 0 and self.seccomp
+
+    def label(self) -> str:
+        """One word for status tables, the details for `flint cluster status --json`."""
+        if self.full:
+            return f"full(cgroup-v{self.cgroups})"
+        parts = ["process", "rlimits", "no_new_privs"] + (["seccomp"] if self.seccomp else [])
+        return "partial:" + "+".join(parts)
+
+    def details(self) -> dict[str, Any]:
+        applied = ["process", "rlimits", "no_new_privs"]
+        if self.seccomp:
+            applied.append("seccomp")
+        if self.root and self.namespaces:
+            applied += ["pid/mnt/net/ipc/uts namespaces", "pivot_root", "/proc", "/tmp tmpfs", "uid", "caps dropped"]
+        if self.cgroups:
+            applied.append(f"cgroup-v{self.cgroups} memory/pids/cpu")
+        return {"level": self.label(), "applied": applied, "missing": self.reasons}
+
+
+def probe(cgroups: Cgroups | None) -> Capabilities:
+    reasons: list[str] = []
+    root = os.geteuid() == 0
+    if not root:
+        reasons.append("not root: no namespaces, cgroups, uid switch or capability drop")
+    namespaces = False
+    if root:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        namespaces = os.waitstatus_to_exitcode(status) == 0
+        if not namespaces:
+            reasons.append("unshare of namespaces refused here")
+    version = cgroups.version if (root and cgroups is not None) else 0
+    if root and cgroups is not None and not cgroups.available:
+        reasons.append(cgroups.reason)
+    try:
+        seccomp_filter()
+        has_seccomp = True
+    except Exception as exc:  # pyseccomp missing or libseccomp unusable
+        has_seccomp = False
+        reasons.append(f"seccomp unavailable: {exc}")
+    return Capabilities(root, namespaces, version, has_seccomp, reasons)

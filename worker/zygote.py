@@ -1,0 +1,239 @@
+"""The zygote: one single-threaded process per runtime with the runtime already imported. A sandbox is a fork.
+
+Started by the worker as `python -I zygote.py CONFIG_JSON`, with a SOCK_SEQPACKET socket at config["fd"]. Each
+request on it is one msgpack map with two file descriptors attached (SCM_RIGHTS): the sandbox's end of its
+control channel and its log file. The zygote forks a slot; the slot isolates itself (worker/isolation.py) as far
+as it can without knowing its function, then waits. When the worker assigns a function on the slot's channel,
+the slot finishes isolating and becomes the runtime: the Python bootstrap loop, or `exec` of a custom runtime's
+/var/task/bootstrap. The zygote answers {"t": "spawned", "id", "pid"} and later {"t": "exited", "id", "status"}
+(exit code, or -signal).
+
+Nothing of the node is imported here: no keys, no sockets but this one, which every sandbox closes first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import msgpack  # noqa: E402
+
+import bootstrap  # noqa: E402  (the Python runtime, imported once here so every fork has it)
+import isolation as iso  # noqa: E402
+
+sys.path.remove(HERE)
+
+MAX_REQUEST = 64 * 1024
+
+
+class Zygote:
+    def __init__(self, config: dict):
+        self.config = config
+        self.sock = socket.socket(fileno=config["fd"])
+        self.isolate = bool(config.get("isolate"))
+        self.filter = iso.seccomp_filter() if config.get("seccomp") else None
+        self.children: dict[int, str] = {}
+        self.pid = os.getpid()
+
+    def serve(self) -> None:
+        iso.die_with_parent(self.config["worker_pid"])
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        while True:
+            ready, _, _ = select.select([self.sock, wake_r], [], [])
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+                self._reap()
+            if self.sock in ready:
+                try:
+                    data, fds, _, _ = socket.recv_fds(self.sock, MAX_REQUEST, 4)
+                except InterruptedError:
+                    continue
+                if not data:
+                    return  # the worker is gone; our children die with us (parent-death signal)
+                self._spawn(msgpack.unpackb(data, raw=False), fds)
+
+    def _spawn(self, req: dict, fds: list[int]) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.sock.close()
+                sandbox(req, fds, self.isolate, self.filter, self.pid)
+            finally:
+                os._exit(70)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = req["id"]
+        self._send({"t": "spawned", "id": req["id"], "pid": pid})
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            sandbox_id = self.children.pop(pid, None)
+            if sandbox_id is not None:
+                self._send({"t": "exited", "id": sandbox_id, "status": os.waitstatus_to_exitcode(status)})
+
+    def _send(self, msg: dict) -> None:
+        self.sock.send(msgpack.packb(msg, use_bin_type=True))
+
+
+def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> None:
+    """In the forked child. Phase one, ahead of need: join the slot's cgroups, enter new namespaces, build the
+    root filesystem. Phase two, when the worker assigns a function on the channel: bind its code, pivot into
+    the new root, drop every privilege, load the seccomp filter, and become the runtime. Never returns."""
+    chan_fd, log_fd = fds
+    channel = bootstrap.Channel(chan_fd, chan_fd)
+    runtime = "python3"
+    try:
+        os.setsid()
+        iso.die_with_parent(zygote_pid)
+        for procs in req.get("cgroup_procs") or ():
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        if isolate:
+            flags = iso.CLONE_NEWNS | iso.CLONE_NEWIPC | iso.CLONE_NEWUTS | iso.CLONE_NEWPID
+            if not req.get("network"):
+                flags |= iso.CLONE_NEWNET
+            iso.unshare(flags)
+            init = os.fork()  # the new pid namespace begins with our child: it is its pid 1
+            if init:
+                _mirror_exit(init, chan_fd, log_fd)
+            iso.prctl(iso.PR_SET_PDEATHSIG, 9)  # outside the namespace, our parent's pid reads as 0
+            _build_root(req)
+            iso.sethostname("sandbox")
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.close(log_fd)
+        job = channel.read()  # a prepared slot waits here for its function
+        if job is None or job.get("t") != "assign":
+            os._exit(0)  # the worker retired the slot unused
+        runtime = job["runtime"]
+        if isolate:
+            _enter_root(req, job["code_dir"])
+        iso.set_rlimits(req.get("tmp_mb", 64))
+        if isolate:
+            iso.drop_capabilities()
+            iso.become(req["uid"], req["uid"])
+            iso.prctl(iso.PR_SET_PDEATHSIG, 9)  # a uid change clears it
+        iso.no_new_privs()
+        if filt is not None:
+            filt.load()
+        os.environ.clear()
+        os.environ.update(job["env"])
+        os.chdir("/var/task" if isolate else job["code_dir"])
+    except BaseException as exc:
+        _report_init_failure(channel, runtime, exc)
+        os._exit(71)
+    if runtime == "provided":
+        _exec_custom(chan_fd)
+    bootstrap.serve(channel, job["handler"])
+    os._exit(0)
+
+
+def _mirror_exit(child: int, *fds: int) -> None:
+    """The process outside the namespace: wait for the sandbox and exit as it did, so the zygote can tell."""
+    for fd in fds:
+        os.close(fd)
+    iso.prctl(iso.PR_SET_PDEATHSIG, 9)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)  # die of the same signal
+    os._exit(code)
+
+
+def _build_root(req: dict) -> None:
+    """A fresh root, prepared ahead: a small tmpfs holding read-only binds of the system and the runtime, /dev
+    with four devices, and a size-limited /tmp. The host's files - the node's keys, other functions' code - are
+    not in it."""
+    iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+    root = req["root_dir"]
+    os.makedirs(root, exist_ok=True)
+    iso.mount("tmpfs", root, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, "size=4m,mode=755")
+    for src in req["binds"]:
+        dst = root + src
+        if os.path.islink(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.readlink(src), dst)
+            continue
+        if not os.path.exists(src):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        _bind_ro(src, dst)
+    os.makedirs(root + "/var/task")
+    os.makedirs(root + "/dev")
+    for dev in ("null", "zero", "random", "urandom"):
+        open(f"{root}/dev/{dev}", "w").close()
+        iso.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, iso.MS_BIND)
+    os.makedirs(root + "/tmp")
+    iso.mount("tmpfs", root + "/tmp", "tmpfs", iso.MS_NOSUID | iso.MS_NODEV,
+              f"size={req.get('tmp_mb', 64)}m,mode=1777")
+    os.makedirs(root + "/proc")
+    os.makedirs(root + "/.old")
+
+
+def _enter_root(req: dict, code_dir: str) -> None:
+    """At assignment: the function's code at /var/task (read-only), then pivot into the new root, a private
+    /proc for the new pid namespace, and the root itself made read-only."""
+    root = req["root_dir"]
+    _bind_ro(code_dir, root + "/var/task")
+    iso.pivot_root(root, root + "/.old")
+    os.chdir("/")
+    iso.umount2("/.old", iso.MNT_DETACH)
+    os.rmdir("/.old")
+    iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
+    iso.mount(None, "/", None, iso.MS_REMOUNT | iso.MS_BIND | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV)
+
+
+def _bind_ro(src: str, dst: str) -> None:
+    iso.mount(src, dst, None, iso.MS_BIND | iso.MS_REC)
+    iso.mount(None, dst, None, iso.MS_REMOUNT | iso.MS_BIND | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV)
+
+
+def _exec_custom(chan_fd: int) -> None:
+    """A custom runtime: its executable gets the channel as stdin and stdout (see README, Custom runtimes)."""
+    os.dup2(chan_fd, 0)
+    os.dup2(chan_fd, 1)
+    os.close(chan_fd)
+    try:
+        os.execve("./bootstrap", ["bootstrap"], dict(os.environ))
+    except OSError as exc:
+        os.write(1, f"INIT_ERROR Runtime.InvalidEntrypoint cannot run ./bootstrap: {exc.strerror}\n".encode())
+        os._exit(72)
+
+
+def _report_init_failure(channel, runtime: str, exc: BaseException) -> None:
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    try:
+        if runtime == "provided":
+            os.write(channel.wfd, f"INIT_ERROR Runtime.SandboxSetupFailed {detail}\n".encode())
+        else:
+            channel.write({"t": "init_error", "error": {
+                "errorType": "Runtime.SandboxSetupFailed",
+                "errorMessage": f"the sandbox could not be isolated: {detail}",
+            }})
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    Zygote(json.loads(sys.argv[1])).serve()
