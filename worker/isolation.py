@@ -67,6 +67,28 @@ def _check(result: int, what: str) -> int:
     return result
 
 
+_pyapi = ctypes.PyDLL(None)  # calls through it keep the GIL, as os.fork does
+SIGCHLD = 17
+SYS_clone = 56  # x86_64
+
+
+def fork_into_namespaces(flags: int) -> int:
+    """fork(), but the child starts in new namespaces (clone with namespace flags): in a new pid namespace the
+    child itself is pid 1, with no helper process in between. CPython's own fork hooks run around it exactly as
+    os.fork() runs them; the caller must be single-threaded (the zygote is)."""
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _pyapi.syscall(ctypes.c_long(SYS_clone), ctypes.c_ulong(flags | SIGCHLD), ctypes.c_void_p(0),
+                         ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_ulong(0))
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 

@@ -269,7 +269,7 @@ class SandboxProcess:
         self.writer = slot.writer
         self.init_error: dict[str, Any] | None = None
         self.init_ms = 0.0
-        self.baseline_pids = 2 if pool.isolated else 1
+        self.baseline_pids = 1  # the runtime itself: pid 1 of its namespace; anything more is a stray
 
     @classmethod
     async def start(cls, sandbox_id: str, config: m.FunctionConfig, code_dir: Path, *, pool: SlotPool) -> SandboxProcess:

@@ -13,6 +13,7 @@ Nothing of the node is imported here: no keys, no sockets but this one, which ev
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -30,6 +31,9 @@ import bootstrap  # noqa: E402  (the Python runtime, imported once here so every
 import isolation as iso  # noqa: E402
 
 sys.path.remove(HERE)
+iso.seccomp_filter()  # load pyseccomp and libseccomp now, so no fork has to
+gc.collect()
+gc.freeze()  # forks share these pages: keep the collector from touching (and so copying) them
 
 MAX_REQUEST = 64 * 1024
 
@@ -40,6 +44,7 @@ class Zygote:
         self.sock = socket.socket(fileno=config["fd"])
         self.isolate = bool(config.get("isolate"))
         self.filter = iso.seccomp_filter() if config.get("seccomp") else None
+        gc.freeze()
         self.children: dict[int, str] = {}
         self.pid = os.getpid()
 
@@ -64,7 +69,13 @@ class Zygote:
                 self._spawn(msgpack.unpackb(data, raw=False), fds)
 
     def _spawn(self, req: dict, fds: list[int]) -> None:
-        pid = os.fork()
+        if self.isolate:
+            flags = iso.CLONE_NEWNS | iso.CLONE_NEWIPC | iso.CLONE_NEWUTS | iso.CLONE_NEWPID
+            if not req.get("network"):
+                flags |= iso.CLONE_NEWNET
+            pid = iso.fork_into_namespaces(flags)  # the child is pid 1 of its own pid namespace
+        else:
+            pid = os.fork()
         if pid == 0:
             try:
                 self.sock.close()
@@ -101,19 +112,13 @@ def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> 
     runtime = "python3"
     try:
         os.setsid()
-        iso.die_with_parent(zygote_pid)
+        iso.prctl(iso.PR_SET_PDEATHSIG, 9)
+        if not isolate and os.getppid() != zygote_pid:
+            os._exit(1)  # the zygote died before the parent-death signal was armed
         for procs in req.get("cgroup_procs") or ():
             with open(procs, "w") as f:
-                f.write(str(os.getpid()))
+                f.write("0")  # ourselves, in whatever pid namespace we are
         if isolate:
-            flags = iso.CLONE_NEWNS | iso.CLONE_NEWIPC | iso.CLONE_NEWUTS | iso.CLONE_NEWPID
-            if not req.get("network"):
-                flags |= iso.CLONE_NEWNET
-            iso.unshare(flags)
-            init = os.fork()  # the new pid namespace begins with our child: it is its pid 1
-            if init:
-                _mirror_exit(init, chan_fd, log_fd)
-            iso.prctl(iso.PR_SET_PDEATHSIG, 9)  # outside the namespace, our parent's pid reads as 0
             _build_root(req)
             iso.sethostname("sandbox")
         os.dup2(log_fd, 1)
@@ -146,19 +151,6 @@ def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> 
         _exec_custom(chan_fd)
     bootstrap.serve(channel, job["handler"])
     os._exit(0)
-
-
-def _mirror_exit(child: int, *fds: int) -> None:
-    """The process outside the namespace: wait for the sandbox and exit as it did, so the zygote can tell."""
-    for fd in fds:
-        os.close(fd)
-    iso.prctl(iso.PR_SET_PDEATHSIG, 9)
-    _, status = os.waitpid(child, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)  # die of the same signal
-    os._exit(code)
 
 
 def _build_root(req: dict) -> None:

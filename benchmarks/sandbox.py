@@ -1,0 +1,220 @@
+"""How fast a worker makes an isolated sandbox, what a warm invoke costs it, and what an idle sandbox weighs.
+
+    python benchmarks/sandbox.py [--quick]
+
+Measured in one run, with the worker's own code (zygote, slot pool, SandboxProcess), on this machine:
+- cold start: create -> first result, p50/p99, with full isolation (cgroups, namespaces, pivot_root, uid, caps,
+  no_new_privs, seccomp, rlimits; as root) - or whatever this machine allows, which the JSON says;
+- the same for a fresh `python3` with the runtime's imports (the bootstrap started on its own, no isolation),
+  and for bubblewrap (Debian's `bubblewrap`) launching the same handler with --unshare-all;
+- warm invoke overhead, worker side: a no-op handler's round trip through the sandbox's channel, p50/p99;
+- sandboxes created per second, sustained (create, first result, retire), slot preparation included;
+- memory per idle sandbox: proportional set size (PSS) of the sandbox's processes.
+
+Targets: cold p50 <= 10 ms and p99 <= 25 ms with full isolation; warm overhead p50 <= 200 us; idle sandbox
+<= 5 MiB PSS (Firecracker's VMM overhead); Firecracker itself needs ~125 ms to reach init. The last line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import uvloop  # noqa: E402
+
+from wire import messages as m  # noqa: E402
+from worker import isolation as iso  # noqa: E402
+from worker.sandbox import SandboxProcess, SlotPool, Zygote  # noqa: E402
+
+HANDLER = "def handle(event, context):\n    return event\n"
+BOOTSTRAP = ROOT / "worker" / "bootstrap.py"
+TARGETS = {"cold_p50_ms": 10.0, "cold_p99_ms": 25.0, "warm_overhead_p50_us": 200.0, "idle_pss_mib": 5.0}
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def config(name: str = "bench") -> m.FunctionConfig:
+    return m.FunctionConfig(tenant="bench", name=name, handler="handler.handle", code_sha256="0" * 64)
+
+
+async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: float) -> dict:
+    cgroups = iso.Cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
+    caps = iso.probe(cgroups)
+    zygote = Zygote(caps, os.cpu_count() or 1)
+    await zygote.start()
+    pool = SlotPool(zygote, cgroups, run_root, size=4)
+    pool.start()
+    try:
+        async def ready_slots(n: int) -> None:
+            while len(pool.ready) < n:
+                await asyncio.sleep(0.002)
+
+        # cold starts, each from a prepared slot as a worker would have one
+        cold = []
+        for i in range(n_cold):
+            await ready_slots(2)
+            began = time.perf_counter()
+            sb = await SandboxProcess.start(f"cold-{i}", config(), code, pool=pool)
+            out = await sb.invoke(f"r{i}", b'{"n": 1}', False)
+            cold.append((time.perf_counter() - began) * 1000)
+            assert out.function_error is None and sb.init_error is None, out.payload
+            await sb.close()
+
+        # warm: the same sandbox, invoke after invoke
+        await ready_slots(1)
+        sb = await SandboxProcess.start("warm", config(), code, pool=pool)
+        for i in range(200):
+            await sb.invoke(f"w{i}", b"{}", False)
+        warm = []
+        for i in range(n_warm):
+            began = time.perf_counter()
+            await sb.invoke(f"w{i}", b"{}", False)
+            warm.append((time.perf_counter() - began) * 1e6)
+
+        # idle sandboxes: PSS of every process of each (the one outside its pid namespace included)
+        idle = []
+        for i in range(8):
+            await ready_slots(1)
+            s = await SandboxProcess.start(f"idle-{i}", config(), code, pool=pool)
+            await s.invoke("x", b"{}", False)
+            idle.append(s)
+        await asyncio.sleep(0.2)
+        pss = []
+        for s in idle:
+            procs = [psutil.Process(s.pid)] + psutil.Process(s.pid).children(recursive=True)
+            pss.append(sum(p.memory_full_info().pss for p in procs) / (1024 * 1024))
+        for s in idle:
+            await s.close()
+        await sb.close()
+
+        # sustained: create, first result, retire, for rate_s seconds (slot preparation counts)
+        made = 0
+        end = time.perf_counter() + rate_s
+        began = time.perf_counter()
+        while time.perf_counter() < end:
+            s = await SandboxProcess.start(f"rate-{made}", config(), code, pool=pool)
+            await s.invoke("r", b"{}", False)
+            await s.close()
+            made += 1
+        rate = made / (time.perf_counter() - began)
+        return {"cold": cold, "warm": warm, "pss": pss, "rate": rate, "caps": caps}
+    finally:
+        await pool.close()
+        zygote.close()
+
+
+def fresh_python(code: Path, n: int) -> list[float]:
+    """The runtime started the usual way: a new interpreter, its imports, the handler, one invoke."""
+    import msgpack
+
+    out = []
+    frame = msgpack.packb({"t": "invoke", "id": "r", "deadline_ms": int(time.time() * 1000) + 3000,
+                           "payload": b'{"n": 1}', "log_tail": False}, use_bin_type=True)
+    for _ in range(n):
+        began = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-I", str(BOOTSTRAP), "handler.handle"], cwd=code,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        _read_frame(proc.stdout)  # ready
+        proc.stdin.write(len(frame).to_bytes(4, "big") + frame)
+        proc.stdin.flush()
+        _read_frame(proc.stdout)
+        out.append((time.perf_counter() - began) * 1000)
+        proc.stdin.close()
+        proc.wait()
+    return out
+
+
+def bwrap(code: Path, n: int) -> list[float] | None:
+    """bubblewrap launching the same handler in new namespaces, the host root read-only (the code goes under its
+    /tmp tmpfs: bwrap cannot make /var/task on a read-only root)."""
+    exe = shutil.which("bwrap")
+    if exe is None:
+        return None
+    script = "import sys, json; sys.path.insert(0, '/tmp/task'); import handler; " \
+             "print(json.dumps(handler.handle({'n': 1}, None)))"
+    out = []
+    for _ in range(n):
+        began = time.perf_counter()
+        result = subprocess.run(
+            [exe, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+             "--tmpfs", "/tmp", "--ro-bind", str(code), "/tmp/task", "--chdir", "/tmp/task",
+             sys.executable, "-I", "-c", script],
+            capture_output=True, text=True,
+        )
+        out.append((time.perf_counter() - began) * 1000)
+        if result.returncode != 0:
+            return None
+    return out
+
+
+def _read_frame(stream) -> bytes:
+    n = int.from_bytes(stream.read(4), "big")
+    return stream.read(n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples; finishes in under a minute")
+    args = ap.parse_args()
+    n_cold, n_warm, n_base, rate_s = (100, 2000, 20, 3.0) if args.quick else (500, 20000, 60, 10.0)
+
+    base = Path(tempfile.mkdtemp(prefix="flint-bench-sandbox-"))
+    code = base / "code"
+    code.mkdir()
+    (code / "handler.py").write_text(HANDLER)
+    for p in (base, code):
+        p.chmod(0o755)
+    try:
+        res = uvloop.run(flint(code, base / "run", n_cold, n_warm, rate_s))
+        fresh = fresh_python(code, n_base)
+        bw = bwrap(code, n_base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    caps: iso.Capabilities = res["caps"]
+    out = {
+        "benchmark": "sandbox",
+        "quick": args.quick,
+        "isolation": caps.label(),
+        "isolation_applied": caps.details()["applied"],
+        "cold_p50_ms": round(pct(res["cold"], 50), 2),
+        "cold_p99_ms": round(pct(res["cold"], 99), 2),
+        "fresh_python_cold_p50_ms": round(pct(fresh, 50), 2),
+        "fresh_python_cold_p99_ms": round(pct(fresh, 99), 2),
+        "bwrap_cold_p50_ms": round(pct(bw, 50), 2) if bw else None,
+        "bwrap_cold_p99_ms": round(pct(bw, 99), 2) if bw else None,
+        "warm_overhead_p50_us": round(pct(res["warm"], 50), 1),
+        "warm_overhead_p99_us": round(pct(res["warm"], 99), 1),
+        "idle_pss_mib": round(sum(res["pss"]) / len(res["pss"]), 2),
+        "sandboxes_per_s": round(res["rate"], 1),
+        "targets": TARGETS,
+        "cores": os.cpu_count(),
+    }
+    out["meets_targets"] = (
+        caps.full
+        and out["cold_p50_ms"] <= TARGETS["cold_p50_ms"] and out["cold_p99_ms"] <= TARGETS["cold_p99_ms"]
+        and out["warm_overhead_p50_us"] <= TARGETS["warm_overhead_p50_us"]
+        and out["idle_pss_mib"] <= TARGETS["idle_pss_mib"]
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
