@@ -91,10 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     create = fsub.add_parser("create", help="upload code and create a function")
     create.add_argument("name")
     create.add_argument("--code", required=True, type=Path, help="a directory (zipped for you) or a .zip file")
-    create.add_argument("--handler", required=True, help="module.function, e.g. handler.handle")
+    create.add_argument("--handler", default="bootstrap",
+                        help="module.function for python3, e.g. handler.handle (required there)")
     create.add_argument("--memory-mb", type=int, default=128, help="128 to 10240 (default 128)")
     create.add_argument("--timeout-s", type=float, default=3.0, help="up to 900 (default 3)")
     create.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable; repeat")
+    create.add_argument("--runtime", default="python3", choices=["python3", "provided"],
+                        help="python3 (default), or provided: a custom runtime, ./bootstrap in the code")
+    create.add_argument("--network", action="store_true",
+                        help="give the function the host's network (by default its sandbox has none)")
     create.set_defaults(func=cmd_function_create)
     get = fsub.add_parser("get", help="show a function's configuration")
     get.add_argument("name")
@@ -265,10 +270,12 @@ def cmd_function_create(args: argparse.Namespace) -> int:
         env[k] = v
     if not args.code.exists():
         raise FileNotFoundError(f"--code {args.code}: no such file or directory")
+    if args.runtime == "python3" and "." not in args.handler:
+        raise ValueError("--handler must be module.function for the python3 runtime, e.g. handler.handle")
     with _client(args) as client:
         config = client.create_function(
             args.name, code=args.code, handler=args.handler, memory_mb=args.memory_mb, timeout_s=args.timeout_s,
-            environment=env,
+            environment=env, runtime=args.runtime, network=args.network,
         )
     print(json.dumps(config, indent=2))
     return 0

@@ -134,6 +134,8 @@ class AsyncClient:
         memory_mb: int = 128,
         timeout_s: float = 3.0,
         environment: dict[str, str] | None = None,
+        runtime: str = "python3",
+        network: bool = False,
     ) -> dict[str, Any]:
         if isinstance(code, (str, Path)):
             path = Path(code)
@@ -142,7 +144,8 @@ class AsyncClient:
             data = code
         resp = await self._call(
             m.CreateFunction(
-                name=name, handler=handler, memory_mb=memory_mb, timeout_s=timeout_s, environment=environment or {}
+                name=name, handler=handler, memory_mb=memory_mb, timeout_s=timeout_s, environment=environment or {},
+                runtime=runtime, network=network,
             ),
             data,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,6 +67,21 @@ def test_cluster_function_and_invoke_commands(tmp_path):
 
         listed = flint("function", "list", "--region", str(region))
         assert "hello" in listed.stdout and "handler.handle" in listed.stdout
+
+        shell = flint("function", "create", "shell", "--code", "examples/shell", "--runtime", "provided",
+                      "--region", str(region))
+        assert shell.returncode == 0, shell.stderr
+        out = flint("invoke", "shell", "--payload", '{"x": 1}', "--log-tail", "--region", str(region))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["runtime"] == "sh" and json.loads(out.stdout)["event"] == {"x": 1}
+        assert "request " in out.stderr  # the runtime's stderr, in the log tail
+        failed = flint("invoke", "shell", "--payload", '{"please": "fail"}', "--region", str(region))
+        assert failed.returncode == 1 and "FunctionError: Unhandled" in failed.stderr
+        assert json.loads(failed.stdout)["errorType"] == "Example.Failure"
+
+        isolation = {r["isolation"] for r in json.loads(flint("cluster", "status", "--dir", str(region), "--json").stdout)}
+        expected = "full(cgroup-v" if os.geteuid() == 0 else "partial:"
+        assert all(level.startswith(expected) for level in isolation), isolation
     finally:
         down = flint("cluster", "down", "--dir", str(region), "--purge")
     assert down.returncode == 0 and down.stdout.count("stopped") == 3

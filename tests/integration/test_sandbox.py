@@ -96,6 +96,11 @@ HANDLERS = textwrap.dedent(
         while True:
             blocks.append(bytearray(16 * 1024 * 1024))
 
+    def background(event, context):
+        if os.fork() == 0:
+            time.sleep(30); os._exit(0)
+        return "left a process behind"
+
     def forkbomb(event, context):
         made = 0
         while made < 10000:
@@ -344,6 +349,14 @@ def test_a_fork_bomb_stops_at_the_pids_limit_and_the_sandbox_is_retired(h, code)
     h.run(sb.close())
     assert result["error"] == "EAGAIN" and result["stopped_at"] < 32
     assert not out.alive  # stray processes: the next invoke gets a fresh sandbox
+
+
+@ROOT_ONLY
+def test_a_process_left_running_after_the_invoke_retires_the_sandbox(h, code):
+    sb = h.sandbox(code, "fn.background")
+    out = h.invoke(sb)
+    h.run(sb.close())
+    assert out.function_error is None and not out.alive
 
 
 @ROOT_ONLY
