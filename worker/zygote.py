@@ -161,26 +161,26 @@ def _build_root(req: dict) -> None:
     root = req["root_dir"]
     os.makedirs(root, exist_ok=True)
     iso.mount("tmpfs", root, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, "size=4m,mode=755")
+    # /tmp first: an interpreter installed under /tmp (a venv, say) is bound inside it, not hidden by it
+    os.makedirs(root + "/tmp")
+    iso.mount("tmpfs", root + "/tmp", "tmpfs", iso.MS_NOSUID | iso.MS_NODEV,
+              f"size={req.get('tmp_mb', 64)}m,mode=1777")
     for src in req["binds"]:
         dst = root + src
         if os.path.islink(src):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.symlink(os.readlink(src), dst)
+            if not os.path.lexists(dst):
+                os.symlink(os.readlink(src), dst)
             continue
         if not os.path.exists(src):
             continue
         os.makedirs(dst, exist_ok=True)
         _bind_ro(src, dst)
-    os.makedirs(root + "/var/task")
-    os.makedirs(root + "/dev")
+    for d in ("/var/task", "/dev", "/proc", "/.old"):
+        os.makedirs(root + d, exist_ok=True)
     for dev in ("null", "zero", "random", "urandom"):
         open(f"{root}/dev/{dev}", "w").close()
         iso.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, iso.MS_BIND)
-    os.makedirs(root + "/tmp")
-    iso.mount("tmpfs", root + "/tmp", "tmpfs", iso.MS_NOSUID | iso.MS_NODEV,
-              f"size={req.get('tmp_mb', 64)}m,mode=1777")
-    os.makedirs(root + "/proc")
-    os.makedirs(root + "/.old")
 
 
 def _enter_root(req: dict, code_dir: str) -> None:
