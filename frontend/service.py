@@ -35,6 +35,7 @@ from worker.client import WorkerClient
 log = structlog.get_logger("frontend")
 
 TENANT_KEYS_TTL_S = 1.0
+MANAGER_DOWN_S = 3.0  # longer than placement takes to mark a dead node unhealthy
 
 
 class FrontendService:
@@ -55,6 +56,7 @@ class FrontendService:
         self._tenant_keys_at = 0.0
         self._tenant_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._manager_down: dict[str, float] = {}  # manager endpoint -> skip it until (monotonic)
 
     async def run(self) -> None:
         self.rt.auth.tenant_lookup = self.tenant_for_key
@@ -241,6 +243,7 @@ class FrontendService:
             except PeerUnavailable as err:
                 log.warning("manager.unreachable", manager=manager, error=str(err))
                 skipped_managers.add(manager)
+                self._manager_down[manager] = time.monotonic() + MANAGER_DOWN_S
                 continue
             release = dict(function_key=config.key, sandbox_id=res["sandbox_id"], request_id=request_id)
             try:
@@ -285,9 +288,13 @@ class FrontendService:
         await self.view.refresh()
         nodes = {n["node_id"]: n for n in self.view.healthy("manager")}
         endpoints = {nid: f"tcp://{n['address']}:{n['ports']['manager']}" for nid, n in nodes.items()}
-        for node_id in rendezvous_order(function_key, endpoints):
-            if endpoints[node_id] not in skipped:
-                return endpoints[node_id]
+        order = [endpoints[n] for n in rendezvous_order(function_key, endpoints) if endpoints[n] not in skipped]
+        now = time.monotonic()
+        for endpoint in order:  # a manager that just failed us is skipped until placement catches up
+            if self._manager_down.get(endpoint, 0.0) <= now:
+                return endpoint
+        if order:
+            return order[0]
         if self.view.nodes and not nodes:
             raise ServiceException("no healthy worker manager in the region", reason="NoManager")
         raise ServiceException("every worker manager failed this invoke; retry shortly", reason="NoManager")

@@ -1,6 +1,7 @@
-"""Worker manager: which sandboxes exist for each function and whether they are idle or busy. No I/O.
+"""Worker manager: the sandboxes of the functions it owns, idle or busy, and the worker capacity it has leased
+from placement to put new ones on. No I/O; time comes in as `now`.
 
-Soft state: after a restart the service rebuilds it from the workers' own lists (`adopt`).
+Soft state: after a restart the service rebuilds it from placement's leases and the workers' own lists.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 DEFAULT_KEEP_ALIVE_S = 600.0
+DRAIN_MARGIN_S = 60.0  # no new sandbox on a lease this close to its expiry: it drains, then goes back
+IDLE_LEASE_RETURN_S = 300.0  # an empty lease nobody placed on for this long goes back to placement
 
 IDLE, BUSY = "idle", "busy"
 
@@ -25,61 +28,57 @@ class SandboxRecord:
     request_id: str | None = None  # the invoke holding it while busy
     last_used: float = 0.0
     invocations: int = 0
+    lease_id: str = ""
+    memory_mb: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerCandidate:
+@dataclasses.dataclass
+class LeaseRecord:
+    """Capacity on one worker, leased from placement until `expires_at`."""
+
+    lease_id: str
     node_id: str
     az: str
     endpoint: str
-    sandboxes: int = 0  # all sandboxes on the host, any manager's
+    memory_mb: int
+    expires_at: float
+    used_mb: int = 0
+    last_placed: float = 0.0
+
+    @property
+    def free_mb(self) -> int:
+        return self.memory_mb - self.used_mb
 
 
 class ManagerState:
-    def __init__(self, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S):
+    def __init__(self, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, drain_margin_s: float = DRAIN_MARGIN_S):
         self.keep_alive_s = keep_alive_s
+        self.drain_margin_s = drain_margin_s
         self.sandboxes: dict[str, SandboxRecord] = {}
         self.pools: dict[str, dict[str, SandboxRecord]] = {}  # function key -> sandbox id -> record
+        self.idle: dict[str, list[str]] = {}  # function key -> idle sandbox ids, most recently used last
+        self.leases: dict[str, LeaseRecord] = {}
+
+    # --- warm routing --------------------------------------------------------------------------------------------
 
     def reserve(self, function_key: str, request_id: str, now: float, avoid: Iterable[str] = ()) -> SandboxRecord | None:
         """Hand the most recently used idle sandbox of this function to `request_id`, or None (cold start)."""
-        avoid = set(avoid)
-        best: SandboxRecord | None = None
-        for record in self.pools.get(function_key, {}).values():
-            if record.state == IDLE and record.node_id not in avoid:
-                if best is None or record.last_used > best.last_used:
-                    best = record
-        if best is not None:
-            best.state = BUSY
-            best.request_id = request_id
-            best.last_used = now
-        return best
-
-    def choose_worker(
-        self, function_key: str, candidates: Iterable[WorkerCandidate], avoid: Iterable[str] = ()
-    ) -> WorkerCandidate | None:
-        """Where a new sandbox of this function goes: the AZ where the function has fewest sandboxes, then the
-        host where it has fewest (mixing functions on a host), then the least loaded host."""
-        avoid = set(avoid)
-        pool = self.pools.get(function_key, {}).values()
-        per_az: dict[str, int] = {}
-        per_node: dict[str, int] = {}
-        for record in pool:
-            per_az[record.az] = per_az.get(record.az, 0) + 1
-            per_node[record.node_id] = per_node.get(record.node_id, 0) + 1
-        options = [c for c in candidates if c.node_id not in avoid]
-        if not options:
+        stack = self.idle.get(function_key)
+        if not stack:
             return None
-        return min(
-            options, key=lambda c: (per_az.get(c.az, 0), per_node.get(c.node_id, 0), c.sandboxes, c.node_id)
-        )
+        avoid = set(avoid)
+        for i in range(len(stack) - 1, -1, -1):
+            record = self.sandboxes[stack[i]]
+            if record.node_id in avoid:
+                continue
+            del stack[i]
+            record.state = BUSY
+            record.request_id = request_id
+            record.last_used = now
+            return record
+        return None
 
-    def add(self, record: SandboxRecord, now: float) -> None:
-        record.last_used = now
-        self.sandboxes[record.sandbox_id] = record
-        self.pools.setdefault(record.function_key, {})[record.sandbox_id] = record
-
-    def release(self, sandbox_id: str, request_id: str, now: float) -> bool:
+    def release(self, sandbox_id: str, request_id: str | None, now: float) -> bool:
         """The invoke `request_id` is done with the sandbox. Idempotent: a second release is a no-op.
         A busy sandbox adopted after a restart has no known request id; any release frees it."""
         record = self.sandboxes.get(sandbox_id)
@@ -91,16 +90,104 @@ class ManagerState:
         record.request_id = None
         record.last_used = now
         record.invocations += 1
+        self.idle.setdefault(record.function_key, []).append(sandbox_id)
         return True
+
+    # --- placing new sandboxes -----------------------------------------------------------------------------------
+
+    def place(
+        self, function_key: str, memory_mb: int, now: float, avoid: Iterable[str] = (), spread: bool = True
+    ) -> LeaseRecord | None:
+        """Which leased capacity a new sandbox of this function goes on, or None: lease more first.
+
+        A function with a sandbox already spreads to an AZ it is not in; with `spread` it waits for a lease
+        there rather than stack a second sandbox in the same AZ. Then: the AZ and host where it has fewest
+        (different functions mix on a host), then the fullest lease (pack before opening new capacity)."""
+        avoid = set(avoid)
+        pool = self.pools.get(function_key, {}).values()
+        per_az: dict[str, int] = {}
+        per_node: dict[str, int] = {}
+        for record in pool:
+            per_az[record.az] = per_az.get(record.az, 0) + 1
+            per_node[record.node_id] = per_node.get(record.node_id, 0) + 1
+        options = [
+            lease for lease in self.leases.values()
+            if lease.node_id not in avoid and lease.free_mb >= memory_mb
+            and lease.expires_at - now > self.drain_margin_s
+        ]
+        if per_az:
+            elsewhere = [lease for lease in options if lease.az not in per_az]
+            if elsewhere:
+                options = elsewhere
+            elif spread and len(per_az) < 2:
+                return None  # ask placement for capacity in another AZ before stacking this one
+        if not options:
+            return None
+        return min(options, key=lambda lease: (
+            per_az.get(lease.az, 0), per_node.get(lease.node_id, 0), lease.free_mb, lease.node_id,
+        ))
+
+    def wanted_azs(self, function_key: str, azs: Iterable[str]) -> list[str]:
+        """The AZs a new lease for this function should prefer: those it has no sandbox in yet."""
+        present = {r.az for r in self.pools.get(function_key, {}).values()}
+        return sorted(az for az in azs if az not in present) if present else []
+
+    def add(self, record: SandboxRecord, now: float) -> None:
+        record.last_used = now
+        self.sandboxes[record.sandbox_id] = record
+        self.pools.setdefault(record.function_key, {})[record.sandbox_id] = record
+        if record.state == IDLE:
+            self.idle.setdefault(record.function_key, []).append(record.sandbox_id)
+        lease = self.leases.get(record.lease_id)
+        if lease is not None:
+            lease.used_mb += record.memory_mb
+            lease.last_placed = now
 
     def remove(self, sandbox_id: str) -> SandboxRecord | None:
         record = self.sandboxes.pop(sandbox_id, None)
-        if record is not None:
-            pool = self.pools.get(record.function_key, {})
-            pool.pop(sandbox_id, None)
-            if not pool:
-                self.pools.pop(record.function_key, None)
+        if record is None:
+            return None
+        pool = self.pools.get(record.function_key, {})
+        pool.pop(sandbox_id, None)
+        if not pool:
+            self.pools.pop(record.function_key, None)
+        stack = self.idle.get(record.function_key)
+        if stack and sandbox_id in stack:
+            stack.remove(sandbox_id)
+        if not stack:
+            self.idle.pop(record.function_key, None)
+        lease = self.leases.get(record.lease_id)
+        if lease is not None:
+            lease.used_mb -= record.memory_mb
         return record
+
+    # --- leases --------------------------------------------------------------------------------------------------
+
+    def add_lease(self, lease: LeaseRecord, now: float) -> None:
+        if lease.lease_id not in self.leases:
+            lease.last_placed = now
+            self.leases[lease.lease_id] = lease
+
+    def drop_lease(self, lease_id: str) -> list[SandboxRecord]:
+        """Placement revoked it (the host went bad): its sandboxes are gone as far as routing goes."""
+        self.leases.pop(lease_id, None)
+        gone = [r for r in self.sandboxes.values() if r.lease_id == lease_id]
+        for record in gone:
+            self.remove(record.sandbox_id)
+        return gone
+
+    def leases_to_return(self, now: float) -> list[LeaseRecord]:
+        """Empty leases that are draining toward expiry, or that nothing was placed on for a while."""
+        out = [
+            lease for lease in self.leases.values()
+            if lease.used_mb == 0
+            and (lease.expires_at - now <= self.drain_margin_s or now - lease.last_placed >= IDLE_LEASE_RETURN_S)
+        ]
+        for lease in out:
+            del self.leases[lease.lease_id]
+        return out
+
+    # --- failures and reaping ------------------------------------------------------------------------------------
 
     def drop_nodes(self, node_ids: Iterable[str]) -> list[SandboxRecord]:
         """Forget every sandbox on these hosts (dead or unhealthy)."""
@@ -111,18 +198,30 @@ class ManagerState:
         return gone
 
     def reap_idle(self, now: float) -> list[SandboxRecord]:
-        """Idle sandboxes past the keep-alive: removed here, to be destroyed on their workers by the caller."""
-        expired = [r for r in self.sandboxes.values() if r.state == IDLE and now - r.last_used > self.keep_alive_s]
+        """Idle sandboxes past the keep-alive, or on a lease that is draining toward its expiry: removed here,
+        to be destroyed on their workers by the caller."""
+        expired = []
+        for record in self.sandboxes.values():
+            if record.state != IDLE:
+                continue
+            lease = self.leases.get(record.lease_id)
+            draining = lease is not None and lease.expires_at - now <= self.drain_margin_s
+            if now - record.last_used > self.keep_alive_s or draining:
+                expired.append(record)
         for record in expired:
             self.remove(record.sandbox_id)
         return expired
 
     def adopt(self, record: SandboxRecord, now: float) -> None:
-        """Take over a sandbox a worker reports after a manager restart; it is idle unless a worker says busy."""
+        """Take over a sandbox a worker reports after a manager restart."""
         if record.sandbox_id not in self.sandboxes:
             self.add(record, now)
 
     def summary(self) -> dict[str, Any]:
         busy = sum(1 for r in self.sandboxes.values() if r.state == BUSY)
-        return {"sandboxes": len(self.sandboxes), "busy": busy, "idle": len(self.sandboxes) - busy,
-                "functions": len(self.pools)}
+        return {
+            "sandboxes": len(self.sandboxes), "busy": busy, "idle": len(self.sandboxes) - busy,
+            "functions": len(self.pools), "leases": len(self.leases),
+            "leased_mb": sum(lease.memory_mb for lease in self.leases.values()),
+            "used_mb": sum(lease.used_mb for lease in self.leases.values()),
+        }

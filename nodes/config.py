@@ -49,6 +49,11 @@ class Settings:
     heartbeat_interval_s: float = 0.5  # placement agent -> placement
     missed_heartbeats: int = 3  # a node is unhealthy after this many missed intervals
     keep_alive_s: float = 600.0  # an idle sandbox is reaped after this long
+    worker_lease_s: float = 6 * 3600.0  # placement leases worker capacity to a manager for this long
+    lease_block_mb: int = 2048  # the capacity one lease carries (a function bigger than this gets its size)
+    hold_down_s: float = 5.0  # a host that went bad stays out this long after it recovers (doubling per relapse)
+    orphan_grace_s: float = 10.0  # a worker reaps sandboxes whose manager has been gone this long
+    worker_memory_mb: int = 0  # memory this host offers for sandboxes; 0: its physical memory
     function_cache_ttl_s: float = 2.0  # how long a frontend trusts its copy of a function's config
     code_cache_mb: int = 2048  # unpacked code kept per worker host
     role_restarts: int = 5  # a role that crashes more often than this within role_restart_window_s ends the node
@@ -157,6 +162,8 @@ class NodeConfig:
 
     @property
     def memory_mb(self) -> int:
+        if self.settings.worker_memory_mb:
+            return self.settings.worker_memory_mb
         try:
             import psutil
 

@@ -136,7 +136,8 @@ class Node:
                 unreserved_min=c.settings.unreserved_min,
                 cold_start_allowance_s=c.settings.cold_start_allowance_s,
             ),
-            "placement": lambda: PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats),
+            "placement": lambda: PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats,
+                                                hold_down_s=c.settings.hold_down_s),
         }
         cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir))
         rt.groups[group] = RaftGroup(cfg, states[group]())

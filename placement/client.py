@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from wire import messages as m
@@ -27,6 +28,28 @@ class PlacementClient:
     async def list_nodes(self) -> list[dict[str, Any]]:
         resp = await self.fo.call(m.ListNodes(), timeout_s=2.0)
         return resp.fields["nodes"]
+
+    async def lease_worker(self, lease_id: str, manager: str, memory_mb: int, lease_s: float,
+                           prefer_azs: Iterable[str] = (), avoid_nodes: Iterable[str] = ()) -> dict[str, Any]:
+        resp = await self.fo.call(
+            m.LeaseWorker(lease_id=lease_id, manager=manager, memory_mb=memory_mb, lease_s=lease_s,
+                          prefer_azs=tuple(prefer_azs), avoid_nodes=tuple(avoid_nodes)),
+            timeout_s=3.0,
+        )
+        return resp.fields
+
+    async def return_lease(self, lease_id: str) -> None:
+        await self.fo.call(m.ReturnLease(lease_id=lease_id), timeout_s=3.0)
+
+    async def list_leases(self, manager: str | None = None) -> list[dict[str, Any]]:
+        resp = await self.fo.call(m.ListLeases(manager=manager), timeout_s=2.0)
+        return resp.fields["leases"]
+
+    async def report(self, node_id: str, ok: bool) -> None:
+        await self.fo.call(m.ReportOutcome(node_id=node_id, ok=ok), timeout_s=2.0)
+
+    async def drain(self, node_id: str, draining: bool = True) -> dict[str, Any]:
+        return (await self.fo.call(m.Drain(node_id=node_id, draining=draining))).fields
 
 
 class NodeView:
@@ -58,3 +81,6 @@ class NodeView:
 
     def by_id(self, node_id: str) -> dict[str, Any] | None:
         return next((n for n in self.nodes if n["node_id"] == node_id), None)
+
+    def azs(self) -> list[str]:
+        return sorted({n["az"] for n in self.nodes if "worker" in n["roles"]})

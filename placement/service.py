@@ -1,4 +1,4 @@
-"""Placement service: the worker registry and its health, through the `placement` Raft group."""
+"""Placement service: the worker registry, host health and worker leases, through the `placement` Raft group."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import structlog
 
 from nodes.runtime import Runtime
 from wire import messages as m
-from wire.raft import RaftGroup
 from wire.errors import FlintError
+from wire.raft import RaftGroup
 from wire.sockets import Request, new_request_id
 
 log = structlog.get_logger("placement")
@@ -21,12 +21,18 @@ class PlacementService:
         self.group = group
 
     async def run(self) -> None:
+        at_leader = lambda handler: self.rt.at_leader("placement", "placement", handler)  # noqa: E731
         server = self.rt.server(
             "placement",
             {
-                m.Register: self.rt.at_leader("placement", "placement", self.register),
-                m.Heartbeat: self.rt.at_leader("placement", "placement", self.heartbeat),
+                m.Register: at_leader(self.register),
+                m.Heartbeat: at_leader(self.heartbeat),
                 m.ListNodes: self.list_nodes,
+                m.LeaseWorker: at_leader(self.lease_worker),
+                m.ReturnLease: at_leader(self.return_lease),
+                m.ListLeases: self.list_leases,
+                m.ReportOutcome: at_leader(self.report),
+                m.Drain: at_leader(self.drain),
             },
         )
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="placement-tick")
@@ -35,13 +41,16 @@ class PlacementService:
         finally:
             ticker.cancel()
 
+    async def _commit(self, req: Request, op: str, args: dict) -> object:
+        return await self.group.submit(op, args, request_id=req.id, timeout_s=req.remaining_s(3))
+
     async def _tick(self) -> None:
         """The leader commits a tick each heartbeat interval, so health can tell 'the node went quiet' from
-        'placement itself could not commit'."""
+        'placement itself could not commit', and damped recoveries end on time."""
         interval = self.rt.config.settings.heartbeat_interval_s
         while True:
             await asyncio.sleep(interval)
-            if self.group.status()["state"] == "leader":
+            if self.group.is_leader:
                 try:
                     await self.group.submit("tick", {}, request_id=new_request_id(), timeout_s=interval)
                 except FlintError:
@@ -49,22 +58,47 @@ class PlacementService:
 
     async def register(self, req: Request) -> dict:
         node = req.msg.node
-        incarnation = await self.group.submit(
-            "register", {"node": node.to_fields()}, request_id=req.id, timeout_s=req.remaining_s(3)
-        )
+        incarnation = await self._commit(req, "register", {"node": node.to_fields()})
         log.info("node.registered", registered_node=node.node_id, registered_az=node.az, incarnation=incarnation)
         return {"incarnation": incarnation}
 
     async def heartbeat(self, req: Request) -> dict:
         msg = req.msg
-        incarnation = await self.group.submit(
-            "heartbeat",
-            {"node_id": msg.node_id, "sandboxes": msg.sandboxes, "memory_used_mb": msg.memory_used_mb},
-            request_id=req.id,
-            timeout_s=req.remaining_s(3),
+        incarnation = await self._commit(
+            req, "heartbeat", {"node_id": msg.node_id, "sandboxes": msg.sandboxes, "memory_used_mb": msg.memory_used_mb}
         )
         return {"incarnation": incarnation}
 
     async def list_nodes(self, req: Request) -> dict:
+        now = self.rt.now()
         with self.group.machine.read() as state:
-            return {"nodes": state.view(self.rt.now()), "raft": self.group.status()}
+            return {"nodes": state.view(now), "free_capacity_mb": state.free_capacity_mb(now),
+                    "raft": self.group.status()}
+
+    async def lease_worker(self, req: Request) -> dict:
+        msg = req.msg
+        out = await self._commit(req, "lease_worker", {
+            "lease_id": msg.lease_id, "manager": msg.manager, "memory_mb": msg.memory_mb,
+            "prefer_azs": list(msg.prefer_azs), "avoid_nodes": list(msg.avoid_nodes), "lease_s": msg.lease_s,
+        })
+        log.info("lease.granted", lease_id=msg.lease_id, manager=msg.manager, target_node=out["node"]["node_id"],
+                 memory_mb=msg.memory_mb)
+        return out
+
+    async def return_lease(self, req: Request) -> dict:
+        return {"returned": await self._commit(req, "return_lease", {"lease_id": req.msg.lease_id})}
+
+    async def list_leases(self, req: Request) -> dict:
+        with self.group.machine.read() as state:
+            return {"leases": state.leases_of(req.msg.manager, self.rt.now())}
+
+    async def report(self, req: Request) -> dict:
+        suspect = await self._commit(req, "report", {"node_id": req.msg.node_id, "ok": req.msg.ok})
+        if suspect and not req.msg.ok:
+            log.warning("node.suspect", target_node=req.msg.node_id)
+        return {"suspect": suspect}
+
+    async def drain(self, req: Request) -> dict:
+        out = await self._commit(req, "drain", {"node_id": req.msg.node_id, "draining": req.msg.draining})
+        log.info("node.drain", target_node=req.msg.node_id, draining=req.msg.draining)
+        return out

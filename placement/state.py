@@ -1,17 +1,34 @@
-"""Placement: the worker registry and its health. No I/O; time comes in as `now` (seconds, the proposer's clock).
+"""Placement: the worker registry, host health, and time-bounded leases of worker capacity to managers.
 
-Replicated through the `placement` Raft group: `cmd_*` methods are commands, the rest are reads.
+No I/O; time comes in as `now` (seconds, the proposer's clock). Replicated through the `placement` Raft group:
+`cmd_*` methods are commands, the rest are reads.
+
+Health. A node is unhealthy when it missed heartbeats others made (3 x 0.5 s by default); suspect when managers
+reported system errors on 3 of its last 10 invokes (OpenWhisk's rule); draining when an operator took it out.
+Recovery is damped: a node that went bad stays out for a hold-down after it looks good again, doubling with each
+relapse (up to a cap), so a flapping host does not churn sandboxes back and forth.
+
+Leases. A manager asks for capacity; placement grants a lease on a block of one worker's memory, chosen by the
+packing policy, for `lease_s` (default 6 h; seconds in tests). The sum of leased blocks never exceeds a worker's
+capacity, and no lease is granted on a host that is unhealthy, suspect, draining or held down.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
-from wire.errors import ResourceNotFoundException
+from wire.errors import ResourceNotFoundException, ServiceException
 
 HEARTBEAT_INTERVAL_S = 0.5
-MISSED_HEARTBEATS = 3  # a node is unhealthy after this many intervals without a heartbeat
+MISSED_HEARTBEATS = 3
+DEFAULT_LEASE_S = 6 * 3600.0
+DEFAULT_BLOCK_MB = 2048
+SYSTEM_RESERVED_MB = 512  # kept back on every host for the node itself
+SUSPECT_ERRORS, SUSPECT_WINDOW = 3, 10
+HOLD_DOWN_S, HOLD_DOWN_MAX_S = 5.0, 120.0
 
 
 @dataclasses.dataclass
@@ -22,30 +39,74 @@ class NodeRecord:
     sandboxes: int = 0
     memory_used_mb: int = 0
     incarnation: int = 1  # bumped on every re-registration: a restarted node is a new incarnation
+    outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=SUSPECT_WINDOW))
+    draining: bool = False
+    bad_since: float | None = None  # when it last went unhealthy or suspect
+    hold_until: float = 0.0  # damped recovery: no new leases before this
+    relapses: int = 0
 
     @property
     def node_id(self) -> str:
         return self.info["node_id"]
 
+    @property
+    def az(self) -> str:
+        return self.info["az"]
+
+    @property
+    def capacity_mb(self) -> int:
+        return max(0, int(self.info.get("memory_mb", 0)) - SYSTEM_RESERVED_MB)
+
+    @property
+    def suspect(self) -> bool:
+        return sum(1 for ok in self.outcomes if not ok) >= SUSPECT_ERRORS
+
+
+@dataclasses.dataclass
+class WorkerLease:
+    lease_id: str
+    node_id: str
+    manager: str  # the manager endpoint holding it
+    memory_mb: int
+    granted_at: float
+    expires_at: float
+
+    def view(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 class PlacementState:
-    def __init__(self, heartbeat_timeout_s: float = HEARTBEAT_INTERVAL_S * MISSED_HEARTBEATS):
+    def __init__(
+        self,
+        heartbeat_timeout_s: float = HEARTBEAT_INTERVAL_S * MISSED_HEARTBEATS,
+        hold_down_s: float = HOLD_DOWN_S,
+        policy: str = "flint",
+    ):
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.hold_down_s = hold_down_s
+        self.policy = policy  # flint | balance | binpack (the last two for comparison in the simulator)
         self.nodes: dict[str, NodeRecord] = {}
+        self.leases: dict[str, WorkerLease] = {}
+        self.leased_mb: dict[str, int] = {}  # node id -> memory under live leases
         self.last_tick = 0.0  # the placement leader commits a tick each interval: proof the group is committing
 
-    # --- commands ------------------------------------------------------------------------------------------------
+    # --- health --------------------------------------------------------------------------------------------------
 
     def cmd_register(self, now: float, node: dict[str, Any]) -> int:
         """A node (re)announces itself. Returns its incarnation number."""
         node_id = node["node_id"]
         old = self.nodes.get(node_id)
-        incarnation = old.incarnation + 1 if old else 1
-        self.nodes[node_id] = NodeRecord(dict(node), now, now, incarnation=incarnation)
-        return incarnation
+        record = NodeRecord(dict(node), now, now, incarnation=old.incarnation + 1 if old else 1)
+        if old is not None:
+            record.draining, record.relapses, record.hold_until = old.draining, old.relapses, old.hold_until
+            self._revoke(node_id)  # a restarted node has lost every sandbox it had
+        self.nodes[node_id] = record
+        return record.incarnation
 
     def cmd_tick(self, now: float) -> None:
         self.last_tick = max(self.last_tick, now)
+        for record in self.nodes.values():
+            self._damp(record, now)
 
     def cmd_heartbeat(self, now: float, node_id: str, sandboxes: int = 0, memory_used_mb: int = 0) -> int:
         record = self.nodes.get(node_id)
@@ -54,44 +115,180 @@ class PlacementState:
         record.last_heartbeat = max(record.last_heartbeat, now)
         record.sandboxes = sandboxes
         record.memory_used_mb = memory_used_mb
+        self._damp(record, now)
         return record.incarnation
 
-    # --- reads ---------------------------------------------------------------------------------------------------
+    def cmd_report(self, now: float, node_id: str, ok: bool) -> bool:
+        """A manager's word on an invoke it ran on `node_id`: True for success, False for a system error.
+        Returns whether the node is now suspect."""
+        record = self.nodes.get(node_id)
+        if record is None:
+            return False
+        record.outcomes.append(bool(ok))
+        self._damp(record, now)
+        return record.suspect
 
-    def is_healthy(self, node_id: str, now: float) -> bool:
-        """A node is unhealthy when it missed heartbeats that others made. Ages count from the last moment the
-        group is known to have committed (a tick or any heartbeat), not from the clock alone: while the placement group itself cannot commit (a
-        leader election, a lost quorum), every node keeps the health it had instead of all turning unhealthy."""
+    def cmd_drain(self, now: float, node_id: str, draining: bool = True) -> dict[str, Any]:
+        record = self.nodes.get(node_id)
+        if record is None:
+            raise ResourceNotFoundException(f"no node {node_id}")
+        record.draining = draining
+        return {"node_id": node_id, "draining": draining,
+                "leases": [lease.lease_id for lease in self.leases.values() if lease.node_id == node_id]}
+
+    def is_alive(self, node_id: str, now: float) -> bool:
+        """Heartbeating. Ages count from the last moment the group is known to have committed (a tick or any
+        heartbeat), not from the clock alone: while the placement group itself cannot commit, every node keeps
+        the health it had instead of all turning unhealthy."""
         record = self.nodes.get(node_id)
         if record is None:
             return False
         reference = min(now, self.newest_heartbeat())
         return reference - record.last_heartbeat <= self.heartbeat_timeout_s
 
+    def is_healthy(self, node_id: str, now: float) -> bool:
+        """Fit for routing: alive and not suspect. (Draining and held-down nodes still serve what they have.)"""
+        record = self.nodes.get(node_id)
+        return record is not None and self.is_alive(node_id, now) and not record.suspect
+
+    def can_lease(self, node_id: str, now: float) -> bool:
+        """Fit for new sandboxes: healthy, not draining, not held down after a recovery."""
+        record = self.nodes.get(node_id)
+        return (record is not None and self.is_healthy(node_id, now) and not record.draining
+                and now >= record.hold_until and "worker" in record.info.get("roles", ()))
+
     def newest_heartbeat(self) -> float:
         """The last moment the group is known to have been committing: a tick or any node's heartbeat."""
         return max([self.last_tick, *(r.last_heartbeat for r in self.nodes.values())])
 
+    def _damp(self, record: NodeRecord, now: float) -> None:
+        bad = not self.is_alive(record.node_id, now) or record.suspect
+        if bad and record.bad_since is None:
+            record.bad_since = now
+            record.relapses += 1
+            self._revoke(record.node_id)
+        elif not bad and record.bad_since is not None:
+            record.bad_since = None
+            hold = min(HOLD_DOWN_MAX_S, self.hold_down_s * 2 ** max(0, record.relapses - 1))
+            record.hold_until = now + hold
+
     def healthy(self, now: float, role: str | None = None) -> list[NodeRecord]:
         return [
-            r
-            for r in self.nodes.values()
+            r for r in self.nodes.values()
             if self.is_healthy(r.node_id, now) and (role is None or role in r.info.get("roles", ()))
         ]
 
+    # --- leases --------------------------------------------------------------------------------------------------
+
+    def cmd_lease_worker(
+        self,
+        now: float,
+        lease_id: str,
+        manager: str,
+        memory_mb: int = DEFAULT_BLOCK_MB,
+        prefer_azs: Iterable[str] = (),
+        avoid_nodes: Iterable[str] = (),
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> dict[str, Any]:
+        """Grant a lease on `memory_mb` of one worker's capacity to `manager`. Idempotent per lease id."""
+        self._expire(now)
+        existing = self.leases.get(lease_id)
+        if existing is not None:
+            return {"lease": existing.view(), "node": self._node_view(existing.node_id, now)}
+        node = self.choose(now, memory_mb, manager, prefer_azs, avoid_nodes)
+        if node is None:
+            raise ServiceException(
+                f"no healthy worker has {memory_mb} MB free to lease; add hosts or free capacity",
+                reason="NoCapacity",
+            )
+        lease = WorkerLease(lease_id, node.node_id, manager, memory_mb, now, now + lease_s)
+        self.leases[lease_id] = lease
+        self.leased_mb[node.node_id] = self.leased_mb.get(node.node_id, 0) + memory_mb
+        return {"lease": lease.view(), "node": self._node_view(node.node_id, now)}
+
+    def cmd_return_lease(self, now: float, lease_id: str) -> bool:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return False
+        self.leased_mb[lease.node_id] = self.leased_mb.get(lease.node_id, 0) - lease.memory_mb
+        return True
+
+    def choose(
+        self, now: float, memory_mb: int, manager: str = "", prefer_azs: Iterable[str] = (),
+        avoid_nodes: Iterable[str] = (),
+    ) -> NodeRecord | None:
+        """The packing policy: which worker a new lease goes on.
+
+        flint: a preferred AZ first (a function spreading to a second AZ); then the host most allocated already
+        (fill hosts before opening new ones: 99/99/99/0 beats 60/60/60/60); among equals, one this manager has
+        no lease on yet (so hosts mix the functions of several managers).
+        balance: the least allocated host (balance-the-load). binpack: the most allocated, nothing else.
+        """
+        prefer = set(prefer_azs)
+        avoid = set(avoid_nodes)
+        mine = {lease.node_id for lease in self.leases.values() if lease.manager == manager}
+        best: NodeRecord | None = None
+        best_key: tuple | None = None
+        for record in self.nodes.values():
+            if record.node_id in avoid or not self.can_lease(record.node_id, now):
+                continue
+            free = record.capacity_mb - self.leased_mb.get(record.node_id, 0)
+            if free < memory_mb:
+                continue
+            used = self.leased_mb.get(record.node_id, 0) / max(1, record.capacity_mb)
+            if self.policy == "balance":
+                key = (used, record.node_id)
+            elif self.policy == "binpack":
+                key = (-used, record.node_id)
+            else:
+                key = (record.az not in prefer if prefer else False, -used, record.node_id in mine, record.node_id)
+            if best_key is None or key < best_key:
+                best, best_key = record, key
+        return best
+
+    def _expire(self, now: float) -> None:
+        for lease_id in [i for i, lease in self.leases.items() if lease.expires_at <= now]:
+            self.cmd_return_lease(now, lease_id)
+
+    def _revoke(self, node_id: str) -> None:
+        for lease_id in [i for i, lease in self.leases.items() if lease.node_id == node_id]:
+            self.cmd_return_lease(0.0, lease_id)
+
+    def leases_of(self, manager: str | None, now: float) -> list[dict[str, Any]]:
+        return [
+            {**lease.view(), "node": self._node_view(lease.node_id, now)}
+            for lease in self.leases.values()
+            if (manager is None or lease.manager == manager) and lease.expires_at > now
+        ]
+
+    def free_capacity_mb(self, now: float) -> int:
+        """Capacity a lease request could be answered from at once."""
+        return sum(
+            max(0, r.capacity_mb - self.leased_mb.get(r.node_id, 0))
+            for r in self.nodes.values() if self.can_lease(r.node_id, now)
+        )
+
+    # --- views ---------------------------------------------------------------------------------------------------
+
+    def _node_view(self, node_id: str, now: float) -> dict[str, Any]:
+        r = self.nodes[node_id]
+        return {
+            **r.info,
+            "alive": self.is_alive(node_id, now),
+            "healthy": self.is_healthy(node_id, now),
+            "suspect": r.suspect,
+            "draining": r.draining,
+            "held_down_s": round(max(0.0, r.hold_until - now), 1),
+            "leasable": self.can_lease(node_id, now),
+            "last_heartbeat_age_s": round(max(0.0, now - r.last_heartbeat), 3),
+            "placement_stalled_s": round(max(0.0, now - self.newest_heartbeat()), 3),
+            "sandboxes": r.sandboxes,
+            "memory_used_mb": r.memory_used_mb,
+            "capacity_mb": r.capacity_mb,
+            "leased_mb": self.leased_mb.get(node_id, 0),
+            "incarnation": r.incarnation,
+        }
+
     def view(self, now: float) -> list[dict[str, Any]]:
         """Every known node with its health, for status tables and for managers and frontends to route by."""
-        out = []
-        for r in sorted(self.nodes.values(), key=lambda r: r.node_id):
-            out.append(
-                {
-                    **r.info,
-                    "healthy": self.is_healthy(r.node_id, now),
-                    "last_heartbeat_age_s": round(max(0.0, now - r.last_heartbeat), 3),
-                    "placement_stalled_s": round(max(0.0, now - self.newest_heartbeat()), 3),
-                    "sandboxes": r.sandboxes,
-                    "memory_used_mb": r.memory_used_mb,
-                    "incarnation": r.incarnation,
-                }
-            )
-        return out
+        return [self._node_view(node_id, now) for node_id in sorted(self.nodes)]

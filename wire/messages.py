@@ -254,6 +254,42 @@ class ListNodes(Message):
     pass
 
 
+@message("placement.lease_worker")
+class LeaseWorker(Message):
+    """A manager asks for `memory_mb` of worker capacity; placement picks the host (packing policy)."""
+
+    lease_id: str = text(ID_MAX)
+    manager: str = text(255)
+    memory_mb: int = integer(MEMORY_MB_MIN, 1_000_000)
+    prefer_azs: tuple = text_list(16, default=())
+    avoid_nodes: tuple = text_list(64, default=())
+    lease_s: float = number(1, 7 * 24 * 3600)
+
+
+@message("placement.return_lease")
+class ReturnLease(Message):
+    lease_id: str = text(ID_MAX)
+
+
+@message("placement.list_leases")
+class ListLeases(Message):
+    manager: str | None = text(255, default=None)
+
+
+@message("placement.report")
+class ReportOutcome(Message):
+    """A manager's word on invokes it ran on a node: False for a system error (not a function error)."""
+
+    node_id: str = text(NAME_MAX)
+    ok: bool = flag()
+
+
+@message("placement.drain")
+class Drain(Message):
+    node_id: str = text(NAME_MAX)
+    draining: bool = flag(default=True)
+
+
 # --- worker manager ----------------------------------------------------------------------------------------------
 
 

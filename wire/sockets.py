@@ -44,6 +44,7 @@ HEARTBEAT_TIMEOUT_MS = 2000
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 # With IMMEDIATE set, a send waits only while no connection to the peer exists; a live peer takes it at once.
 SEND_TIMEOUT_S = 1.0
+DOWN_SEND_TIMEOUT_S = 0.25
 
 CLUSTER = "cluster"
 TENANT_PREFIX = "tenant:"
@@ -373,10 +374,11 @@ class Client:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE_BYTES)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(endpoint)
         self.sock = sock
-        self.connected_once = False
+        self.up = False  # a CURVE handshake has succeeded and no disconnect came after it
+        self.down_since: float | None = None
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -401,7 +403,8 @@ class Client:
         if rid in self._pending:
             raise ServiceException(f"request id {rid} is already in flight on {self.endpoint}")
         self._pending[rid] = fut
-        send_timeout = min(timeout, SEND_TIMEOUT_S)
+        # a peer seen to drop gets a short wait: it is probably dead, and the caller has elsewhere to go
+        send_timeout = min(timeout, SEND_TIMEOUT_S if self.down_since is None else DOWN_SEND_TIMEOUT_S)
         try:
             try:
                 await asyncio.wait_for(self.sock.send_multipart(codec.encode(header, payload)), send_timeout)
@@ -448,7 +451,12 @@ class Client:
                 event = await recv_monitor_message(self._monitor)
             except zmq.ZMQError:
                 return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up, self.down_since = True, None
+                continue
             if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.up = False
+                self.down_since = self.down_since or time.monotonic()
                 err = PeerUnavailable(f"connection to {self.endpoint} was lost", reason="ConnectionLost")
                 for fut in list(self._pending.values()):
                     if not fut.done():

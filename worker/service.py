@@ -57,6 +57,7 @@ class WorkerService:
             log.warning("worker.partial_isolation", isolation=self.caps.label(), missing=self.caps.reasons)
         await self.zygote.start()
         self.pool.start()
+        reaper = asyncio.get_running_loop().create_task(self._reap_orphans(), name="orphan-reaper")
         server = self.rt.server(
             "worker",
             {
@@ -69,6 +70,7 @@ class WorkerService:
         try:
             await server.serve()
         finally:
+            reaper.cancel()
             await self.close_all()
 
     async def close_all(self) -> None:
@@ -89,7 +91,7 @@ class WorkerService:
                 reason="WorkerFull",
             )
         code_dir = await self._code(config.code_sha256)
-        entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager)
+        entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager, memory_mb=config.memory_mb)
         self.state.add(entry, self.rt.now())
         try:
             if not self.zygote.alive:
@@ -153,6 +155,33 @@ class WorkerService:
         return {"sandboxes": self.state.view(), "node_id": self.rt.node_id}
 
     # --- internals -----------------------------------------------------------------------------------------------
+
+    async def _reap_orphans(self) -> None:
+        """Sandboxes whose manager has been gone (not alive in placement) for `orphan_grace_s` are destroyed:
+        its functions moved to another manager, which makes its own. If placement cannot be reached, nothing
+        is reaped: a worker does not act on what it does not know."""
+        from placement.client import NodeView, PlacementClient
+
+        view = NodeView(PlacementClient(self.rt.control("placement")), max_age_s=1.0)
+        gone_since: dict[str, float] = {}
+        grace = self.rt.config.settings.orphan_grace_s
+        while True:
+            await asyncio.sleep(min(2.0, grace / 2))
+            await view.refresh()
+            if view.last_error is not None or not view.nodes:
+                continue
+            live = {f"tcp://{n['address']}:{n['ports']['manager']}" for n in view.nodes
+                    if n["alive"] and "manager" in n["roles"]}
+            now = time.monotonic()
+            for entry in self.state.orphans(live):
+                since = gone_since.setdefault(entry.sandbox_id, now)
+                if now - since >= grace:
+                    gone_since.pop(entry.sandbox_id, None)
+                    await self._discard(entry.sandbox_id)
+                    log.info("sandbox.orphan_reaped", sandbox_id=entry.sandbox_id, manager=entry.manager)
+            for sandbox_id in [s for s in gone_since if s not in self.state.sandboxes or
+                               self.state.sandboxes[s].manager in live]:
+                gone_since.pop(sandbox_id, None)
 
     async def _restart_zygote(self) -> None:
         """The zygote died (its sandboxes died with it): forget them and start a new one."""

@@ -22,6 +22,7 @@ class SandboxEntry:
     invocations: int = 0
     created: float = 0.0
     last_used: float = 0.0
+    memory_mb: int = 128
 
 
 class WorkerState:
@@ -64,6 +65,10 @@ class WorkerState:
     def remove(self, sandbox_id: str) -> SandboxEntry | None:
         return self.sandboxes.pop(sandbox_id, None)
 
+    def orphans(self, live_managers: set[str]) -> list[SandboxEntry]:
+        """Idle sandboxes whose manager is not among the live ones."""
+        return [e for e in self.sandboxes.values() if e.state == IDLE and e.manager not in live_managers]
+
     def code_in_use(self) -> set[str]:
         return {e.code_sha256 for e in self.sandboxes.values()}
 
@@ -75,6 +80,7 @@ class WorkerState:
                 "state": e.state,
                 "manager": e.manager,
                 "invocations": e.invocations,
+                "memory_mb": e.memory_mb,
             }
             for e in self.sandboxes.values()
         ]

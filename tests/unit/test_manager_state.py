@@ -1,21 +1,24 @@
-"""Worker manager state: warm reuse, one invoke per sandbox, AZ spread, reaping."""
+"""Worker manager state: warm reuse, leased capacity, AZ spread, draining leases, reaping."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manager.state import BUSY, IDLE, ManagerState, SandboxRecord, WorkerCandidate
-
-WORKERS = [WorkerCandidate("n1", "az1", "e1"), WorkerCandidate("n2", "az2", "e2"), WorkerCandidate("n3", "az3", "e3")]
+from manager.state import BUSY, IDLE, LeaseRecord, ManagerState, SandboxRecord
 
 
-def rec(sid, node="n1", az="az1", key="f"):
-    return SandboxRecord(sid, key, node, az, f"tcp://{node}")
+def lease(lid, node, az, mb=2048, expires=10_000.0):
+    return LeaseRecord(lid, node, az, f"tcp://{node}", mb, expires)
+
+
+def sandbox(sid, key="f", node="n1", az="az1", lease_id="L1", mb=512, state=IDLE):
+    return SandboxRecord(sid, key, node, az, f"tcp://{node}", state=state, lease_id=lease_id, memory_mb=mb)
 
 
 def test_reuses_the_most_recently_used_idle_sandbox():
     s = ManagerState()
-    s.add(rec("a"), 0)
-    s.add(rec("b"), 0)
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add(sandbox("a", state=BUSY), 0)
+    s.add(sandbox("b", state=BUSY), 0)
     s.release("a", None, 5)
     s.release("b", None, 7)
     got = s.reserve("f", "r1", 8)
@@ -34,62 +37,90 @@ def test_release_is_idempotent_and_ignores_stale_requests():
     assert s.sandboxes["a"].state == BUSY
 
 
-def test_new_sandboxes_spread_over_azs_then_hosts():
+def test_placement_fills_leased_capacity_and_never_past_it():
     s = ManagerState()
-    first = s.choose_worker("f", WORKERS)
-    s.add(rec("a", first.node_id, first.az), 0)
-    second = s.choose_worker("f", WORKERS)
-    assert second.az != first.az
-    assert s.choose_worker("f", WORKERS, avoid={"n1", "n2", "n3"}) is None
+    s.add_lease(lease("L1", "n1", "az1", mb=1024), 0)
+    assert s.place("f", 512, 0).lease_id == "L1"
+    s.add(sandbox("a", key="g", mb=512), 0)
+    s.add(sandbox("b", key="h", mb=512), 0)
+    assert s.leases["L1"].free_mb == 0
+    assert s.place("f", 512, 0) is None  # lease more first
 
 
-def test_dropping_a_node_forgets_its_sandboxes_and_avoid_skips_it():
+def test_a_second_sandbox_of_a_function_goes_to_another_az():
     s = ManagerState()
-    s.add(rec("a", "n1"), 0)
-    s.add(rec("b", "n2", "az2"), 0)
-    s.release("a", None, 1)
-    s.release("b", None, 2)
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add(sandbox("a", mb=512), 0)
+    assert s.place("f", 512, 0) is None  # only az1 is leased: ask for capacity elsewhere
+    assert s.wanted_azs("f", ["az1", "az2", "az3"]) == ["az2", "az3"]
+    assert s.place("f", 512, 0, spread=False).lease_id == "L1"  # nowhere else to go: stacking is allowed
+    s.add_lease(lease("L2", "n2", "az2"), 0)
+    assert s.place("f", 512, 0).lease_id == "L2"
+
+
+def test_a_lease_near_expiry_drains_and_goes_back_empty():
+    s = ManagerState(drain_margin_s=60)
+    s.add_lease(lease("L1", "n1", "az1", expires=100.0), 0)
+    s.add(sandbox("a", mb=512), 0)
+    assert s.place("g", 512, 41.0) is None  # within the drain margin: nothing new lands there
+    assert [r.sandbox_id for r in s.reap_idle(41.0)] == ["a"]  # idle sandboxes on it go
+    assert [lease.lease_id for lease in s.leases_to_return(41.0)] == ["L1"]
+
+
+def test_dropping_a_node_or_a_lease_forgets_its_sandboxes():
+    s = ManagerState()
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add_lease(lease("L2", "n2", "az2"), 0)
+    s.add(sandbox("a", node="n1", lease_id="L1"), 0)
+    s.add(sandbox("b", node="n2", az="az2", lease_id="L2"), 0)
     assert s.reserve("f", "r", 3, avoid={"n2"}).sandbox_id == "a"
-    assert [r.sandbox_id for r in s.drop_nodes(["n2"])] == ["b"]
+    assert [r.sandbox_id for r in s.drop_lease("L2")] == ["b"]
     assert s.reserve("f", "r2", 4) is None
 
 
 def test_idle_sandboxes_are_reaped_after_keep_alive_busy_ones_never():
     s = ManagerState(keep_alive_s=10)
-    s.add(rec("idle"), 0)
-    s.release("idle", None, 0)
-    s.add(rec("busy"), 0)
+    s.add(sandbox("idle"), 0)
+    s.add(sandbox("busy", state=BUSY), 0)
     assert [r.sandbox_id for r in s.reap_idle(10.0)] == []
     assert [r.sandbox_id for r in s.reap_idle(10.1)] == ["idle"]
     assert list(s.sandboxes) == ["busy"]
 
 
-@settings(max_examples=300)
-@given(st.lists(st.tuples(st.sampled_from(["reserve", "release", "add", "drop", "reap"]), st.integers(0, 5)),
-                max_size=80))
-def test_a_sandbox_is_never_held_by_two_invokes(ops):
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["reserve", "release", "create", "drop", "reap", "lease"]),
+                          st.integers(0, 5)), max_size=100))
+def test_capacity_is_never_exceeded_and_no_sandbox_serves_two_invokes(ops):
     s = ManagerState(keep_alive_s=3)
     holders: dict[str, str] = {}
     now = 0.0
     for i, (op, n) in enumerate(ops):
         now += 1
+        key = f"f{n % 3}"
         if op == "reserve":
-            got = s.reserve("f", f"r{i}", now, avoid={f"n{n}"} if n > 3 else ())
+            got = s.reserve(key, f"r{i}", now)
             if got is not None:
                 assert got.sandbox_id not in holders
                 holders[got.sandbox_id] = f"r{i}"
         elif op == "release" and holders:
             sid = sorted(holders)[n % len(holders)]
             assert s.release(sid, holders.pop(sid), now)
-        elif op == "add":
-            sid = f"s{i}"
-            s.add(SandboxRecord(sid, "f", f"n{n % 3}", f"az{n % 3}", "e", request_id=f"r{i}"), now)
-            holders[sid] = f"r{i}"
+        elif op == "create":
+            target = s.place(key, 256 * (n + 1), now, spread=n % 2 == 0)
+            if target is not None:
+                assert target.free_mb >= 256 * (n + 1) and target.expires_at - now > s.drain_margin_s
+                s.add(SandboxRecord(f"s{i}", key, target.node_id, target.az, target.endpoint, state=BUSY,
+                                    request_id=f"r{i}", lease_id=target.lease_id, memory_mb=256 * (n + 1)), now)
+                holders[f"s{i}"] = f"r{i}"
         elif op == "drop":
-            for r in s.drop_nodes([f"n{n % 3}"]):
+            for r in s.drop_lease(f"L{n}"):
                 holders.pop(r.sandbox_id, None)
+        elif op == "lease":
+            s.add_lease(lease(f"L{n}", f"n{n}", f"az{n % 3}", mb=2048, expires=now + 200), now)
         else:
             for r in s.reap_idle(now):
                 assert r.sandbox_id not in holders and r.state == IDLE
-        busy = {sid for sid, r in s.sandboxes.items() if r.state == BUSY}
-        assert busy == set(holders)
+        for lease_id, lr in s.leases.items():
+            used = sum(r.memory_mb for r in s.sandboxes.values() if r.lease_id == lease_id)
+            assert lr.used_mb == used <= lr.memory_mb  # capacity is never exceeded
+        assert {sid for sid, r in s.sandboxes.items() if r.state == BUSY} == set(holders)
