@@ -147,6 +147,37 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn)
     counting.set_defaults(func=lambda a: _usage(counting))
 
+    chaos = sub.add_parser("chaos", help="break a local region on purpose, and watch it heal")
+    xsub = chaos.add_subparsers(metavar="ACTION")
+    xkill = xsub.add_parser("kill-node", help="SIGKILL one node (its sandboxes die with it)")
+    xkill.add_argument("node")
+    xaz = xsub.add_parser("kill-az", help="SIGKILL every node of one availability zone")
+    xaz.add_argument("az")
+    xpause = xsub.add_parser("pause-node", help="SIGSTOP a node for a while, then SIGCONT it")
+    xpause.add_argument("node")
+    xpause.add_argument("--for", dest="seconds", type=float, default=5.0, help="seconds to keep it frozen (5)")
+    xrestart = xsub.add_parser("restart-node", help="start a killed or stopped node again and wait for it")
+    xrestart.add_argument("node")
+    for sp, fn in ((xkill, cmd_chaos_kill), (xaz, cmd_chaos_kill_az), (xpause, cmd_chaos_pause),
+                   (xrestart, cmd_chaos_restart)):
+        sp.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+        sp.add_argument("--settle-s", type=float, default=2.0,
+                        help="how long to wait before showing the region's state (2)")
+        sp.set_defaults(func=fn)
+    chaos.set_defaults(func=lambda a: _usage(chaos))
+
+    place = sub.add_parser("placement", help="operator: worker hosts, their health and leases")
+    psub = place.add_subparsers(metavar="ACTION")
+    pst = psub.add_parser("status", help="every host: health, suspect, draining, capacity leased, sandboxes")
+    pst.add_argument("--json", action="store_true")
+    pdr = psub.add_parser("drain", help="take a host out gracefully: no new sandboxes; existing ones finish")
+    pdr.add_argument("node")
+    pdr.add_argument("--undo", action="store_true", help="put a drained host back into service")
+    for sp, fn in ((pst, cmd_placement_status), (pdr, cmd_placement_drain)):
+        sp.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
+        sp.set_defaults(func=fn)
+    place.set_defaults(func=lambda a: _usage(place))
+
     inv = sub.add_parser("invoke", help="invoke a function and print its result")
     inv.add_argument("name", help="function name, optionally NAME:QUALIFIER")
     inv.add_argument("--payload", default=None, help="JSON event, or - to read it from stdin")
@@ -397,6 +428,93 @@ def cmd_counting_add(args: argparse.Namespace) -> int:
 def cmd_counting_remove(args: argparse.Namespace) -> int:
     print(f"removing {args.node}'s counting replica...", flush=True)
     _print_members(_region(args).counting_remove(args.node))
+    return 0
+
+
+# --- chaos and placement -----------------------------------------------------------------------------------------
+
+
+def _after(region, seconds: float) -> None:
+    print(f"waiting {seconds:.0f}s, then the region's state:", flush=True)
+    time.sleep(seconds)
+    print_table(region.status())
+
+
+def cmd_chaos_kill(args: argparse.Namespace) -> int:
+    region = _region(args)
+    pid = region.kill_node(args.node)
+    print(f"killed {args.node} (pid {pid}) with SIGKILL" if pid else f"{args.node} was not running")
+    _after(region, args.settle_s)
+    return 0
+
+
+def cmd_chaos_kill_az(args: argparse.Namespace) -> int:
+    region = _region(args)
+    for node_id, pid in region.kill_az(args.az).items():
+        print(f"killed {node_id} (pid {pid}) with SIGKILL" if pid else f"{node_id} was not running")
+    _after(region, args.settle_s)
+    return 0
+
+
+def cmd_chaos_pause(args: argparse.Namespace) -> int:
+    region = _region(args)
+    pid = region.pause_node(args.node)
+    if pid is None:
+        print(f"{args.node} is not running")
+        return 1
+    print(f"paused {args.node} (pid {pid}) with SIGSTOP for {args.seconds:.0f}s", flush=True)
+    try:
+        time.sleep(min(args.seconds, 1.5))
+        print_table(region.status())
+        time.sleep(max(0.0, args.seconds - 1.5))
+    finally:
+        region.resume_node(args.node)
+    print(f"resumed {args.node} with SIGCONT")
+    _after(region, args.settle_s)
+    return 0
+
+
+def cmd_chaos_restart(args: argparse.Namespace) -> int:
+    region = _region(args)
+    pid = region.start_node(args.node)
+    print(f"started {args.node} (pid {pid}); waiting for it to be healthy", flush=True)
+    region.wait_healthy(60, nodes=[args.node])
+    _after(region, 0)
+    return 0
+
+
+def cmd_placement_status(args: argparse.Namespace) -> int:
+    from wire import messages as m
+
+    region = _region(args)
+    nodes = region.call("placement", m.ListNodes())
+    leases = region.call("placement", m.ListLeases())["leases"]
+    if args.json:
+        print(json.dumps({"nodes": nodes["nodes"], "leases": leases}, indent=2))
+        return 0
+    print(f"{'NODE':<6} {'AZ':<5} {'HEALTH':<10} {'LEASABLE':<8} {'LEASED':>14} {'SANDBOXES':>9}  NOTE")
+    for n in nodes["nodes"]:
+        if "worker" not in n["roles"]:
+            continue
+        health = "healthy" if n["healthy"] else ("suspect" if n["suspect"] else "unhealthy")
+        note = ", ".join(filter(None, ["draining" if n["draining"] else "",
+                                       f"held down {n['held_down_s']}s" if n["held_down_s"] else ""]))
+        print(f"{n['node_id']:<6} {n['az']:<5} {health:<10} {'yes' if n['leasable'] else 'no':<8} "
+              f"{n['leased_mb']:>6}/{n['capacity_mb']:<7} {n['sandboxes']:>9}  {note}")
+    print(f"\n{len(leases)} lease(s); {nodes['free_capacity_mb']} MB free to lease at once")
+    return 0
+
+
+def cmd_placement_drain(args: argparse.Namespace) -> int:
+    from wire import messages as m
+
+    region = _region(args)
+    out = region.call("placement", m.Drain(node_id=args.node, draining=not args.undo))
+    if args.undo:
+        print(f"{args.node} is back in service")
+    else:
+        print(f"{args.node} is draining: no new sandboxes; {len(out['leases'])} lease(s) on it run down as "
+              "their sandboxes go idle")
     return 0
 
 

@@ -29,8 +29,10 @@ class FrontendClient:
 
     async def call(self, msg: m.Message, payload: bytes | None = None, *, timeout_s: float | None = None,
                    request_id: str | None = None) -> Response:
+        # an invoke that reached a frontend may have run: it is not silently sent to another one
         return await self.failover.call(
-            msg, payload, timeout_s=timeout_s or self.timeout_s, request_id=request_id
+            msg, payload, timeout_s=timeout_s or self.timeout_s, request_id=request_id,
+            idempotent=not isinstance(msg, m.Invoke),
         )
 
     async def invoke(self, function: str, payload: bytes | None, **options: Any) -> Response:

@@ -105,17 +105,20 @@ class ManagerService:
             if lease is not None:
                 return lease
             settings = self.rt.config.settings
+            # Where capacity is already leased, placement is asked for a lease in another AZ only briefly: if it
+            # cannot answer (its leader is failing over) or has no room, stacking in one AZ beats failing.
+            fallback = self.state.place(key, memory, self.rt.now(), avoid, spread=False)
             try:
                 granted = await self.placement.lease_worker(
                     f"{self.rt.node_id}-{os.urandom(6).hex()}", self.endpoint,
                     max(settings.lease_block_mb, memory), settings.worker_lease_s,
                     prefer_azs=self.state.wanted_azs(key, self.view.azs()), avoid_nodes=sorted(avoid),
+                    timeout_s=0.5 if fallback is not None else 3.0,
                 )
-            except ServiceException as err:
-                if err.reason == "NoCapacity":
-                    lease = self.state.place(key, memory, self.rt.now(), avoid, spread=False)
-                    if lease is not None:
-                        return lease  # no other AZ has room: stacking beats failing
+            except FlintError as err:
+                if fallback is not None:
+                    log.info("lease.fallback_to_stacking", function=config.name, reason=err.reason)
+                    return fallback
                 raise
             self._adopt_lease(granted["lease"], granted["node"])
         # the new lease may be in the same AZ (no capacity elsewhere): then stacking is allowed
@@ -195,6 +198,7 @@ class ManagerService:
                 if gone:
                     log.info("node.restarted", target_node=node_id, sandboxes_dropped=len(gone))
             self._incarnations[node_id] = node["incarnation"]
+        self.state.drain_nodes(n["node_id"] for n in self.view.nodes if n.get("draining"))
         stale = [n for n, since in self._unhealthy_since.items() if now - since > FORGET_UNHEALTHY_AFTER_S]
         if stale:
             self.state.drop_nodes(stale)

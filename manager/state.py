@@ -44,10 +44,14 @@ class LeaseRecord:
     expires_at: float
     used_mb: int = 0
     last_placed: float = 0.0
+    draining: bool = False  # the host is being taken out: nothing new here; it goes back once empty
 
     @property
     def free_mb(self) -> int:
         return self.memory_mb - self.used_mb
+
+    def closing(self, now: float, margin_s: float) -> bool:
+        return self.draining or self.expires_at - now <= margin_s
 
 
 class ManagerState:
@@ -113,7 +117,7 @@ class ManagerState:
         options = [
             lease for lease in self.leases.values()
             if lease.node_id not in avoid and lease.free_mb >= memory_mb
-            and lease.expires_at - now > self.drain_margin_s
+            and not lease.closing(now, self.drain_margin_s)
         ]
         if per_az:
             elsewhere = [lease for lease in options if lease.az not in per_az]
@@ -176,12 +180,18 @@ class ManagerState:
             self.remove(record.sandbox_id)
         return gone
 
+    def drain_nodes(self, node_ids: Iterable[str]) -> None:
+        """Operators took these hosts out: their leases take nothing new and go back once empty."""
+        node_ids = set(node_ids)
+        for lease in self.leases.values():
+            lease.draining = lease.node_id in node_ids
+
     def leases_to_return(self, now: float) -> list[LeaseRecord]:
         """Empty leases that are draining toward expiry, or that nothing was placed on for a while."""
         out = [
             lease for lease in self.leases.values()
             if lease.used_mb == 0
-            and (lease.expires_at - now <= self.drain_margin_s or now - lease.last_placed >= IDLE_LEASE_RETURN_S)
+            and (lease.closing(now, self.drain_margin_s) or now - lease.last_placed >= IDLE_LEASE_RETURN_S)
         ]
         for lease in out:
             del self.leases[lease.lease_id]
@@ -205,7 +215,7 @@ class ManagerState:
             if record.state != IDLE:
                 continue
             lease = self.leases.get(record.lease_id)
-            draining = lease is not None and lease.expires_at - now <= self.drain_margin_s
+            draining = lease is not None and lease.closing(now, self.drain_margin_s)
             if now - record.last_used > self.keep_alive_s or draining:
                 expired.append(record)
         for record in expired:

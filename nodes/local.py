@@ -205,6 +205,20 @@ class Region:
             _wait_gone(pid, 5.0)
         return pid
 
+    def kill_az(self, az: str) -> dict[str, int | None]:
+        """SIGKILL every node tagged with `az`."""
+        nodes = [n["node_id"] for n in self.nodes() if n["az"] == az]
+        if not nodes:
+            raise RegionError(f"no node is in {az}; AZs are {', '.join(sorted({n['az'] for n in self.nodes()}))}")
+        return {node_id: self.kill_node(node_id) for node_id in nodes}
+
+    def pause_node(self, node_id: str) -> int | None:
+        """SIGSTOP: the node freezes (its sandboxes run on) - a hung host, not a dead one."""
+        return self.signal_node(node_id, signal.SIGSTOP)
+
+    def resume_node(self, node_id: str) -> int | None:
+        return self.signal_node(node_id, signal.SIGCONT)
+
     def stop_node(self, node_id: str, timeout_s: float = 15.0) -> bool:
         """SIGTERM, then SIGKILL if it has not stopped within `timeout_s`. True if it stopped cleanly."""
         pid = self.signal_node(node_id, signal.SIGTERM)

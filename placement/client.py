@@ -30,11 +30,12 @@ class PlacementClient:
         return resp.fields["nodes"]
 
     async def lease_worker(self, lease_id: str, manager: str, memory_mb: int, lease_s: float,
-                           prefer_azs: Iterable[str] = (), avoid_nodes: Iterable[str] = ()) -> dict[str, Any]:
+                           prefer_azs: Iterable[str] = (), avoid_nodes: Iterable[str] = (),
+                           timeout_s: float = 3.0) -> dict[str, Any]:
         resp = await self.fo.call(
             m.LeaseWorker(lease_id=lease_id, manager=manager, memory_mb=memory_mb, lease_s=lease_s,
                           prefer_azs=tuple(prefer_azs), avoid_nodes=tuple(avoid_nodes)),
-            timeout_s=3.0,
+            timeout_s=timeout_s,
         )
         return resp.fields
 

@@ -531,7 +531,10 @@ class Failover:
         *,
         timeout_s: float = 5.0,
         request_id: str | None = None,
+        idempotent: bool = True,
     ) -> Response:
+        """With `idempotent` False (an invoke), only a request that never left moves on to the next endpoint:
+        one that may have run there is the caller's to retry or not."""
         rid = request_id or new_request_id()
         last: PeerUnavailable | None = None
         n = len(self.endpoints)
@@ -544,6 +547,8 @@ class Failover:
                 )
             except FlintError as err:
                 if not (isinstance(err, PeerUnavailable) or err.reason in MOVE_ON_REASONS):
+                    raise
+                if not idempotent and err.reason != "NotSent":
                     raise
                 last = PeerUnavailable(err.message, reason=err.reason) if not isinstance(err, PeerUnavailable) else err
                 continue

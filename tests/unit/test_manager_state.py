@@ -67,6 +67,20 @@ def test_a_lease_near_expiry_drains_and_goes_back_empty():
     assert [lease.lease_id for lease in s.leases_to_return(41.0)] == ["L1"]
 
 
+def test_a_drained_host_takes_nothing_new_and_its_idle_sandboxes_and_lease_go():
+    s = ManagerState()
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add(sandbox("a", mb=512), 0)
+    s.add(sandbox("b", key="g", mb=512, state=BUSY), 0)
+    s.drain_nodes(["n1"])
+    assert s.place("h", 512, 1) is None
+    assert [r.sandbox_id for r in s.reap_idle(1)] == ["a"]  # the busy one finishes first
+    assert s.leases_to_return(1) == []
+    s.release("b", None, 2)
+    s.reap_idle(2)
+    assert [lease.lease_id for lease in s.leases_to_return(2)] == ["L1"]
+
+
 def test_dropping_a_node_or_a_lease_forgets_its_sandboxes():
     s = ManagerState()
     s.add_lease(lease("L1", "n1", "az1"), 0)
