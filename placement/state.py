@@ -89,6 +89,7 @@ class PlacementState:
         self.leases: dict[str, WorkerLease] = {}
         self.leased_mb: dict[str, int] = {}  # node id -> memory under live leases
         self.last_tick = 0.0  # the placement leader commits a tick each interval: proof the group is committing
+        self.newest_beat = 0.0  # the latest heartbeat any node got committed
 
     # --- health --------------------------------------------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class PlacementState:
         node_id = node["node_id"]
         old = self.nodes.get(node_id)
         record = NodeRecord(dict(node), now, now, incarnation=old.incarnation + 1 if old else 1)
+        self.newest_beat = max(self.newest_beat, now)
         if old is not None:
             record.draining, record.relapses, record.hold_until = old.draining, old.relapses, old.hold_until
             self._revoke(node_id)  # a restarted node has lost every sandbox it had
@@ -113,6 +115,7 @@ class PlacementState:
         if record is None:
             raise ResourceNotFoundException(f"node {node_id} is not registered; register it first")
         record.last_heartbeat = max(record.last_heartbeat, now)
+        self.newest_beat = max(self.newest_beat, now)
         record.sandboxes = sandboxes
         record.memory_used_mb = memory_used_mb
         self._damp(record, now)
@@ -159,7 +162,7 @@ class PlacementState:
 
     def newest_heartbeat(self) -> float:
         """The last moment the group is known to have been committing: a tick or any node's heartbeat."""
-        return max([self.last_tick, *(r.last_heartbeat for r in self.nodes.values())])
+        return max(self.last_tick, self.newest_beat)
 
     def _damp(self, record: NodeRecord, now: float) -> None:
         bad = not self.is_alive(record.node_id, now) or record.suspect
@@ -227,21 +230,26 @@ class PlacementState:
         prefer = set(prefer_azs)
         avoid = set(avoid_nodes)
         mine = {lease.node_id for lease in self.leases.values() if lease.manager == manager}
+        reference = min(now, self.newest_heartbeat())  # is_alive, inlined: this loop runs over every host
         best: NodeRecord | None = None
         best_key: tuple | None = None
         for record in self.nodes.values():
-            if record.node_id in avoid or not self.can_lease(record.node_id, now):
+            node_id = record.node_id
+            if (node_id in avoid or record.draining or now < record.hold_until
+                    or reference - record.last_heartbeat > self.heartbeat_timeout_s or record.suspect
+                    or "worker" not in record.info.get("roles", ())):
                 continue
-            free = record.capacity_mb - self.leased_mb.get(record.node_id, 0)
-            if free < memory_mb:
+            leased = self.leased_mb.get(node_id, 0)
+            capacity = record.capacity_mb
+            if capacity - leased < memory_mb:
                 continue
-            used = self.leased_mb.get(record.node_id, 0) / max(1, record.capacity_mb)
+            used = leased / max(1, capacity)
             if self.policy == "balance":
-                key = (used, record.node_id)
+                key = (used, node_id)
             elif self.policy == "binpack":
-                key = (-used, record.node_id)
+                key = (-used, node_id)
             else:
-                key = (record.az not in prefer if prefer else False, -used, record.node_id in mine, record.node_id)
+                key = (record.az not in prefer if prefer else False, -used, node_id in mine, node_id)
             if best_key is None or key < best_key:
                 best, best_key = record, key
         return best
