@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(func=cmd_cluster_down)
     cluster.set_defaults(func=lambda a: _usage(cluster))
 
-    fn = sub.add_parser("function", help="create, get, list, delete functions")
+    fn = sub.add_parser("function", help="create, update, publish, get, list, delete functions; concurrency")
     fsub = fn.add_subparsers(metavar="ACTION")
     create = fsub.add_parser("create", help="upload code and create a function")
     create.add_argument("name")
@@ -109,9 +109,76 @@ def build_parser() -> argparse.ArgumentParser:
     rm = fsub.add_parser("delete", help="delete a function")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_function_delete)
-    for sp in (create, get, ls, rm):
-        sp.add_argument("--region", type=Path, default=None, help=region_help)
+    upcode = fsub.add_parser("update-code", help="replace a function's code ($LATEST)")
+    upcode.add_argument("name")
+    upcode.add_argument("--code", required=True, type=Path, help="a directory or a .zip file")
+    upcode.set_defaults(func=cmd_function_update_code)
+    upconf = fsub.add_parser("update-config", help="change a function's configuration ($LATEST)")
+    upconf.add_argument("name")
+    upconf.add_argument("--handler")
+    upconf.add_argument("--memory-mb", type=int)
+    upconf.add_argument("--timeout-s", type=float)
+    upconf.add_argument("--env", action="append", metavar="K=V", help="replaces the whole environment; repeat")
+    upconf.add_argument("--retries", type=int, choices=[0, 1, 2], help="async: retries after a function error")
+    upconf.add_argument("--max-event-age-s", type=int, help="async: an event older than this goes to the DLQ")
+    upconf.set_defaults(func=cmd_function_update_config)
+    pub = fsub.add_parser("publish", help="publish $LATEST as a new immutable version")
+    pub.add_argument("name")
+    pub.add_argument("--description", default="")
+    pub.set_defaults(func=cmd_function_publish)
+    vers = fsub.add_parser("versions", help="list a function's versions")
+    vers.add_argument("name")
+    vers.set_defaults(func=cmd_function_versions)
+    for sp in (create, get, ls, rm, upcode, upconf, pub, vers):
+        if not any(a.dest == "region" for a in sp._actions):
+            sp.add_argument("--region", type=Path, default=None, help=region_help)
+        sp.add_argument("--key", type=Path, default=None, help="a tenant's .key_secret (default: the region's)")
     fn.set_defaults(func=lambda a: _usage(fn))
+
+    alias = sub.add_parser("alias", help="names pointing at versions, with an optional weighted canary")
+    asub = alias.add_subparsers(metavar="ACTION")
+    acreate = asub.add_parser("create", help="point ALIAS of NAME at a version")
+    aupdate = asub.add_parser("update", help="repoint an alias, or change its canary")
+    for sp in (acreate, aupdate):
+        sp.add_argument("name")
+        sp.add_argument("alias")
+        sp.add_argument("--version", required=True, help="a published version number, or $LATEST")
+        sp.add_argument("--additional-version", help="a second version for a canary")
+        sp.add_argument("--weight", type=float, default=0.0, help="share of invokes (0 to 1) for the canary")
+    acreate.set_defaults(func=cmd_alias_create)
+    aupdate.set_defaults(func=cmd_alias_update)
+    adel = asub.add_parser("delete", help="delete an alias")
+    adel.add_argument("name")
+    adel.add_argument("alias")
+    adel.set_defaults(func=cmd_alias_delete)
+    als = asub.add_parser("list", help="a function's aliases")
+    als.add_argument("name")
+    als.set_defaults(func=cmd_alias_list)
+    for sp in (acreate, aupdate, adel, als):
+        sp.add_argument("--region", type=Path, default=None, help=region_help)
+        sp.add_argument("--key", type=Path, default=None, help="a tenant's .key_secret")
+    alias.set_defaults(func=lambda a: _usage(alias))
+
+    events = sub.add_parser("events", help="async invokes: where each event is, the dead-letter queue")
+    esub = events.add_subparsers(metavar="ACTION")
+    els = esub.add_parser("list", help="recent events and how many are in each state")
+    els.add_argument("--state", choices=["queued", "inflight", "done", "dlq"])
+    els.add_argument("--limit", type=int, default=20)
+    els.set_defaults(func=cmd_events_list)
+    eshow = esub.add_parser("show", help="one event: state, tries, last error")
+    eshow.add_argument("event_id")
+    eshow.set_defaults(func=cmd_events_show)
+    edlq = esub.add_parser("dlq", help="events that ran out of retries or age, with their errors")
+    edlq.add_argument("--limit", type=int, default=50)
+    edlq.set_defaults(func=cmd_events_dlq)
+    eredrive = esub.add_parser("redrive", help="send dead-lettered events back to be tried again")
+    eredrive.add_argument("event_ids", nargs="*", help="the events to redrive (default: none; see --all)")
+    eredrive.add_argument("--all", action="store_true", help="every dead-lettered event")
+    eredrive.set_defaults(func=cmd_events_redrive)
+    for sp in (els, eshow, edlq, eredrive):
+        sp.add_argument("--region", type=Path, default=None, help=region_help)
+        sp.add_argument("--key", type=Path, default=None, help="a tenant's .key_secret")
+    events.set_defaults(func=lambda a: _usage(events))
 
     conc = fsub.add_parser("concurrency", help="show, set or remove a function's reserved concurrency")
     conc.add_argument("name")
@@ -120,15 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reserve N executions out of the tenant's limit (0 throttles the function)")
     group.add_argument("--delete", action="store_true", help="remove the reservation (back to the shared pool)")
     conc.add_argument("--region", type=Path, default=None, help=region_help)
+    conc.add_argument("--key", type=Path, default=None, help="a tenant's .key_secret (default: the region's)")
     conc.set_defaults(func=cmd_function_concurrency)
 
-    tenant = sub.add_parser("tenant", help="operator: tenants' concurrency limits (needs the region's cluster key)")
+    tenant = sub.add_parser("tenant", help="operator: tenants, their keys and limits (uses the operator key)")
     tsub = tenant.add_subparsers(metavar="ACTION")
-    tlimit = tsub.add_parser("limit", help="show a tenant's concurrency limit and use, or set it (takes effect at once)")
+    tcreate = tsub.add_parser("create", help="make a tenant and its key pair; the secret goes to a file for them")
+    tcreate.add_argument("tenant")
+    tcreate.add_argument("--out", type=Path, help="where to write the secret (default: REGION/tenants/T.key_secret)")
+    tcreate.set_defaults(func=cmd_tenant_create)
+    tkeys = tsub.add_parser("keys", help="add or revoke a tenant's keys")
+    ksub2 = tkeys.add_subparsers(metavar="ACTION")
+    kadd2 = ksub2.add_parser("add", help="a further key pair for the tenant (for rotation)")
+    kadd2.add_argument("tenant")
+    kadd2.add_argument("--out", type=Path, help="where to write the secret")
+    kadd2.set_defaults(func=cmd_tenant_key_add)
+    krev = ksub2.add_parser("revoke", help="revoke a key: refused on new connections at once, open ones within ~1s")
+    krev.add_argument("tenant")
+    krev.add_argument("key", help="the public key (40 characters), or a .key / .key_secret file")
+    krev.set_defaults(func=cmd_tenant_key_revoke)
+    tkeys.set_defaults(func=lambda a: _usage(tkeys))
+    tls = tsub.add_parser("list", help="tenants and their active keys")
+    tls.set_defaults(func=cmd_tenant_list)
+    tlimit = tsub.add_parser("limit", help="show a tenant's concurrency limit and use, or set it (at once)")
     tlimit.add_argument("tenant")
     tlimit.add_argument("limit", type=int, nargs="?", help="the new limit (omit to show the current one)")
-    tlimit.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
     tlimit.set_defaults(func=cmd_tenant_limit)
+    for sp in (tcreate, kadd2, krev, tls, tlimit):
+        sp.add_argument("--region", type=Path, default=None, help=region_help)
+        sp.add_argument("--operator-key", type=Path, default=None,
+                        help="an operator .key_secret (default: the region's)")
     tenant.set_defaults(func=lambda a: _usage(tenant))
 
     counting = sub.add_parser("counting", help="operator: the counting service's ledger and its replicas")
@@ -179,12 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     place.set_defaults(func=lambda a: _usage(place))
 
     inv = sub.add_parser("invoke", help="invoke a function and print its result")
-    inv.add_argument("name", help="function name, optionally NAME:QUALIFIER")
-    inv.add_argument("--payload", default=None, help="JSON event, or - to read it from stdin")
+    inv.add_argument("name", help="function name, optionally NAME:VERSION or NAME:ALIAS")
+    inv.add_argument("outfile", nargs="?", type=Path, help="write the result here instead of stdout")
+    inv.add_argument("--payload", default=None, help="JSON event, file://PATH to read it from a file, or - for stdin")
     inv.add_argument("--type", dest="invocation_type", default="RequestResponse",
-                     choices=["RequestResponse", "DryRun"], help="invocation type (default RequestResponse)")
+                     choices=["RequestResponse", "Event", "DryRun"],
+                     help="RequestResponse (default): wait for the result; Event: queue it, 202 at once; "
+                          "DryRun: check it could run")
     inv.add_argument("--log-tail", action="store_true", help="print the last 4 KB of the function's log to stderr")
     inv.add_argument("--region", type=Path, default=None, help=region_help)
+    inv.add_argument("--key", type=Path, default=None, help="a tenant's .key_secret (default: the region's)")
     inv.set_defaults(func=cmd_invoke)
 
     demo = sub.add_parser("demo", help="start a 3-AZ local region, deploy examples/hello, invoke it, tear down")
@@ -286,10 +378,13 @@ def print_table(rows: list[dict]) -> None:
 # --- functions -----------------------------------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, operator: bool = False):
     from flint.client import Client
 
-    return Client.from_region(getattr(args, "region", None))
+    if operator:
+        return Client.from_region(getattr(args, "region", None), key_file=getattr(args, "operator_key", None),
+                                  operator=True)
+    return Client.from_region(getattr(args, "region", None), key_file=getattr(args, "key", None))
 
 
 def cmd_function_create(args: argparse.Namespace) -> int:
@@ -362,19 +457,190 @@ def _region(args: argparse.Namespace):
     return Region(args.dir)
 
 
-def cmd_tenant_limit(args: argparse.Namespace) -> int:
-    from wire import messages as m
+def _secret_path(args: argparse.Namespace, tenant: str) -> Path:
+    from flint.client import DEFAULT_REGION_DIR
 
-    region = _region(args)
-    if args.limit is not None:
-        region.call("counting", m.SetLimit(tenant=args.tenant, limit=args.limit))
-    status = region.call("counting", m.CountingStatus(tenant=args.tenant))
-    view = status["tenants"][args.tenant]
-    pools = view["pools"]
-    in_use = sum(p["in_use"] for p in pools.values())
-    print(f"tenant {args.tenant}: limit {view['limit']}, {in_use} executing now, "
-          f"{sum(view['reserved'].values())} reserved by {len(view['reserved'])} function(s)")
+    if args.out:
+        return args.out
+    region = Path(args.region or DEFAULT_REGION_DIR)
+    path = region / "tenants" / f"{tenant}.key_secret"
+    n = 2
+    while path.exists():
+        path = region / "tenants" / f"{tenant}-{n}.key_secret"
+        n += 1
+    return path
+
+
+def _new_key(args: argparse.Namespace, tenant: str):
+    """A key pair made here; only its public half goes to the cluster."""
+    from wire.keys import KeyPair
+
+    key = KeyPair.generate()
+    path = _secret_path(args, tenant)
+    secret = key.save(path.parent, path.name.removesuffix(".key_secret"))
+    return key, secret
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> int:
+    key, secret = _new_key(args, args.tenant)
+    with _client(args, operator=True) as client:
+        client.create_tenant(args.tenant, key.public)
+    print(f"tenant {args.tenant} created; its secret key is in {secret} (mode 0600) - hand it over, keep no copy")
+    print(f"the tenant uses it with: flint function list --key {secret}")
     return 0
+
+
+def cmd_tenant_key_add(args: argparse.Namespace) -> int:
+    key, secret = _new_key(args, args.tenant)
+    with _client(args, operator=True) as client:
+        client.add_tenant_key(args.tenant, key.public)
+    print(f"a new key for {args.tenant} is in {secret}; public key {key.public.decode()}")
+    return 0
+
+
+def cmd_tenant_key_revoke(args: argparse.Namespace) -> int:
+    from wire.keys import KeyPair
+
+    public = KeyPair.load(args.key).public.decode() if Path(args.key).exists() else args.key
+    with _client(args, operator=True) as client:
+        client.revoke_tenant_key(args.tenant, public)
+    print(f"revoked {public[:8]}... of {args.tenant}: refused on new connections now, on open ones within ~1s")
+    return 0
+
+
+def cmd_tenant_list(args: argparse.Namespace) -> int:
+    with _client(args, operator=True) as client:
+        tenants = client.list_tenants()
+    for name, t in sorted(tenants.items()):
+        keys = ", ".join(k[:8] + "..." for k in t["keys"]) or "none"
+        print(f"{name:<24} active keys: {keys}  (revoked: {t['revoked']})")
+    return 0
+
+
+def cmd_tenant_limit(args: argparse.Namespace) -> int:
+    with _client(args, operator=True) as client:
+        view = client.tenant_limit(args.tenant, args.limit)
+    pools = view.get("pools", {})
+    in_use = sum(p["in_use"] for p in pools.values())
+    reserved = view.get("reserved", {})
+    print(f"tenant {args.tenant}: limit {view.get('limit')}, {in_use} executing now, "
+          f"{sum(reserved.values())} reserved by {len(reserved)} function(s)")
+    return 0
+
+
+def cmd_function_update_code(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        config = client.update_function_code(args.name, code=args.code)
+    print(f"{args.name}: code {config['code_sha256'][:16]}... ($LATEST); publish it with `flint function publish`")
+    return 0
+
+
+def cmd_function_update_config(args: argparse.Namespace) -> int:
+    changes = {k: v for k, v in {
+        "handler": args.handler, "memory_mb": args.memory_mb, "timeout_s": args.timeout_s,
+        "maximum_retry_attempts": args.retries, "maximum_event_age_s": args.max_event_age_s,
+    }.items() if v is not None}
+    if args.env is not None:
+        changes["environment"] = dict(item.split("=", 1) for item in args.env if "=" in item)
+    with _client(args) as client:
+        config = client.update_function_configuration(args.name, **changes)
+    print(json.dumps(config, indent=2))
+    return 0
+
+
+def cmd_function_publish(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        config = client.publish_version(args.name, description=args.description)
+    print(f"{args.name}: version {config['version']} (code {config['code_sha256'][:12]}...)")
+    return 0
+
+
+def cmd_function_versions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        versions = client.list_versions(args.name)
+    for v in versions:
+        print(f"{v['version']:<10} {v['handler']:<28} {v['memory_mb']:>6} MB  code {v['code_sha256'][:12]}  "
+              f"{v.get('description', '')}")
+    return 0
+
+
+def cmd_alias_create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        alias = client.create_alias(args.name, args.alias, args.version,
+                                    additional_version=args.additional_version, weight=args.weight)
+    print(_alias_line(args.name, alias))
+    return 0
+
+
+def cmd_alias_update(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        alias = client.update_alias(args.name, args.alias, args.version,
+                                    additional_version=args.additional_version, weight=args.weight)
+    print(_alias_line(args.name, alias))
+    return 0
+
+
+def cmd_alias_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_alias(args.name, args.alias)
+    print(f"deleted {args.name}:{args.alias}")
+    return 0
+
+
+def cmd_alias_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for alias in client.list_aliases(args.name):
+            print(_alias_line(args.name, alias))
+    return 0
+
+
+def _alias_line(name: str, alias: dict) -> str:
+    line = f"{name}:{alias['name']} -> version {alias['version']}"
+    if alias.get("additional_version"):
+        line += f" ({alias['weight']:.0%} to version {alias['additional_version']})"
+    return line
+
+
+def cmd_events_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        out = client.list_events(args.state, args.limit)
+    counts = out["counts"]
+    print("  ".join(f"{k}: {v}" for k, v in counts.items()))
+    for e in out["events"]:
+        print(_event_line(e))
+    return 0
+
+
+def cmd_events_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(client.get_event(args.event_id), indent=2))
+    return 0
+
+
+def cmd_events_dlq(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        out = client.list_events("dlq", args.limit)
+    if not out["events"]:
+        print("the dead-letter queue is empty")
+    for e in out["events"]:
+        error = e.get("last_error") or {}
+        print(f"{_event_line(e)}\n    {error.get('errorType', '?')}: {error.get('errorMessage', '')}"[:400])
+    return 0
+
+
+def cmd_events_redrive(args: argparse.Namespace) -> int:
+    if not args.event_ids and not args.all:
+        raise ValueError("name the events to redrive, or say --all")
+    with _client(args) as client:
+        n = client.redrive_events(None if args.all else args.event_ids)
+    print(f"{n} event(s) sent back to the queue with fresh retries")
+    return 0
+
+
+def _event_line(e: dict) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(e["accepted_at"]))
+    return (f"{e['event_id']}  {e['state']:<8} {e['function']:<20} accepted {when}  tries {e['deliveries']}  "
+            f"function errors {e['attempts']}")
 
 
 def cmd_counting_status(args: argparse.Namespace) -> int:
@@ -525,6 +791,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     payload: bytes | None = None
     if args.payload == "-":
         payload = sys.stdin.buffer.read()
+    elif args.payload is not None and args.payload.startswith("file://"):
+        payload = Path(args.payload[len("file://"):]).read_bytes()
     elif args.payload is not None:
         payload = args.payload.encode()
     if payload:
@@ -545,8 +813,13 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     print(status, file=sys.stderr)
     if result.log_tail:
         print(result.log_tail.rstrip("\n"), file=sys.stderr)
+    if args.invocation_type == "Event":
+        print(f"queued: see it with `flint events show {result.request_id}`", file=sys.stderr)
     if result.payload:
-        sys.stdout.write(result.payload.decode(errors="replace") + "\n")
+        if args.outfile:
+            args.outfile.write_bytes(result.payload)
+        else:
+            sys.stdout.write(result.payload.decode(errors="replace") + "\n")
     return EXIT_FUNCTION_ERROR if result.function_error else 0
 
 

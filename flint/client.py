@@ -52,6 +52,7 @@ class ClientConfig:
     endpoints: list[str]
     server_key: bytes
     key_file: Path
+    operator_key_file: Path | None = None
 
     @classmethod
     def load(cls, region_dir: Path | str | None = None) -> ClientConfig:
@@ -63,10 +64,24 @@ class ClientConfig:
                 "or point --region / FLINT_REGION at one"
             )
         raw = tomllib.loads(path.read_text())
-        key_file = Path(raw["key_file"])
-        if not key_file.is_absolute():
-            key_file = region_dir / key_file
-        return cls(list(raw["endpoints"]), raw["server_key"].encode(), key_file)
+
+        def local(p: str | None) -> Path | None:
+            if p is None:
+                return None
+            return Path(p) if Path(p).is_absolute() else region_dir / p
+
+        return cls(list(raw["endpoints"]), raw["server_key"].encode(), local(raw["key_file"]),
+                   local(raw.get("operator_key_file")))
+
+
+def _key_file(cfg: ClientConfig, key_file: Path | str | None, operator: bool) -> Path:
+    if key_file is not None:
+        return Path(key_file)
+    if operator:
+        if cfg.operator_key_file is None:
+            raise FileNotFoundError("this region's client.toml names no operator key (operator_key_file)")
+        return cfg.operator_key_file
+    return cfg.key_file
 
 
 class AsyncClient:
@@ -83,9 +98,11 @@ class AsyncClient:
         self.retries = retries
 
     @classmethod
-    def from_region(cls, region_dir: Path | str | None = None, **kw: Any) -> AsyncClient:
+    def from_region(cls, region_dir: Path | str | None = None, *, key_file: Path | str | None = None,
+                    operator: bool = False, **kw: Any) -> AsyncClient:
         cfg = ClientConfig.load(region_dir)
-        return cls(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(cfg.key_file), **kw)
+        return cls(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(_key_file(cfg, key_file, operator)),
+                   **kw)
 
     async def _call(self, msg: m.Message, payload: bytes | None = None, *, timeout_s: float | None = None):
         attempt = 0
@@ -137,11 +154,7 @@ class AsyncClient:
         runtime: str = "python3",
         network: bool = False,
     ) -> dict[str, Any]:
-        if isinstance(code, (str, Path)):
-            path = Path(code)
-            data = zip_directory(path) if path.is_dir() else path.read_bytes()
-        else:
-            data = code
+        data = _code_bytes(code)
         resp = await self._call(
             m.CreateFunction(
                 name=name, handler=handler, memory_mb=memory_mb, timeout_s=timeout_s, environment=environment or {},
@@ -160,6 +173,67 @@ class AsyncClient:
     async def delete_function(self, name: str) -> None:
         await self._call(m.DeleteFunction(name=name))
 
+    async def update_function_code(self, name: str, *, code: Path | str | bytes) -> dict[str, Any]:
+        return (await self._call(m.UpdateFunctionCode(name=name), _code_bytes(code))).fields["config"]
+
+    async def update_function_configuration(self, name: str, **changes: Any) -> dict[str, Any]:
+        """Change handler, runtime, memory_mb, timeout_s, environment, network, maximum_retry_attempts or
+        maximum_event_age_s."""
+        return (await self._call(m.UpdateFunctionConfiguration(name=name, **changes))).fields["config"]
+
+    async def publish_version(self, name: str, description: str = "") -> dict[str, Any]:
+        return (await self._call(m.PublishVersion(name=name, description=description))).fields["config"]
+
+    async def list_versions(self, name: str) -> list[dict[str, Any]]:
+        return (await self._call(m.ListVersions(name=name))).fields["versions"]
+
+    async def create_alias(self, name: str, alias: str, version: str, *, additional_version: str | None = None,
+                           weight: float = 0.0) -> dict[str, Any]:
+        msg = m.PutAlias(name=name, alias=alias, version=version, additional_version=additional_version,
+                         weight=weight, create=True)
+        return (await self._call(msg)).fields["alias"]
+
+    async def update_alias(self, name: str, alias: str, version: str, *, additional_version: str | None = None,
+                           weight: float = 0.0) -> dict[str, Any]:
+        msg = m.PutAlias(name=name, alias=alias, version=version, additional_version=additional_version,
+                         weight=weight, create=False)
+        return (await self._call(msg)).fields["alias"]
+
+    async def delete_alias(self, name: str, alias: str) -> None:
+        await self._call(m.DeleteAlias(name=name, alias=alias))
+
+    async def list_aliases(self, name: str) -> list[dict[str, Any]]:
+        return (await self._call(m.ListAliases(name=name))).fields["aliases"]
+
+    async def list_events(self, state: str | None = None, limit: int = 100) -> dict[str, Any]:
+        return (await self._call(m.ListEvents(state=state, limit=limit))).fields
+
+    async def get_event(self, event_id: str) -> dict[str, Any]:
+        return (await self._call(m.GetEvent(event_id=event_id))).fields["event"]
+
+    async def redrive_events(self, event_ids: list[str] | None = None) -> int:
+        msg = m.RedriveEvents(event_ids=tuple(event_ids) if event_ids is not None else None)
+        return (await self._call(msg)).fields["redriven"]
+
+    # operator
+    async def create_tenant(self, tenant: str, public_key: bytes | str) -> dict[str, Any]:
+        key = public_key.decode() if isinstance(public_key, bytes) else public_key
+        return (await self._call(m.TenantCreate(tenant=tenant, public_key=key))).fields["tenant"]
+
+    async def add_tenant_key(self, tenant: str, public_key: bytes | str) -> dict[str, Any]:
+        key = public_key.decode() if isinstance(public_key, bytes) else public_key
+        return (await self._call(m.TenantAddKey(tenant=tenant, public_key=key))).fields["tenant"]
+
+    async def revoke_tenant_key(self, tenant: str, public_key: bytes | str) -> dict[str, Any]:
+        key = public_key.decode() if isinstance(public_key, bytes) else public_key
+        return (await self._call(m.TenantRevokeKey(tenant=tenant, public_key=key))).fields["tenant"]
+
+    async def list_tenants(self) -> dict[str, Any]:
+        return (await self._call(m.TenantList())).fields["tenants"]
+
+    async def tenant_limit(self, tenant: str, limit: int | None = None) -> dict[str, Any]:
+        return (await self._call(m.TenantLimit(tenant=tenant, limit=limit))).fields["view"]
+
     async def put_function_concurrency(self, name: str, reserved: int) -> int:
         """Reserve `reserved` concurrent executions for the function (0 throttles it), out of the tenant's limit."""
         return (await self._call(m.PutFunctionConcurrency(name=name, reserved=reserved))).fields["reserved_concurrency"]
@@ -174,6 +248,13 @@ class AsyncClient:
         self.frontend.close()
 
 
+def _code_bytes(code: Path | str | bytes) -> bytes:
+    if isinstance(code, (str, Path)):
+        path = Path(code)
+        return zip_directory(path) if path.is_dir() else path.read_bytes()
+    return code
+
+
 class Client:
     """The blocking twin of AsyncClient, for scripts and the command line. Not for use from an event loop."""
 
@@ -186,9 +267,13 @@ class Client:
         return AsyncClient(endpoints, server_key=server_key, key=key, **kw)
 
     @classmethod
-    def from_region(cls, region_dir: Path | str | None = None, **kw: Any) -> Client:
+    def from_region(cls, region_dir: Path | str | None = None, *, key_file: Path | str | None = None,
+                    operator: bool = False, **kw: Any) -> Client:
+        """The region made by `flint cluster up`; with the default tenant's key unless `key_file` names another
+        (a tenant's .key_secret), or the region's operator key with `operator`."""
         cfg = ClientConfig.load(region_dir)
-        return cls(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(cfg.key_file), **kw)
+        return cls(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(_key_file(cfg, key_file, operator)),
+                   **kw)
 
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(coro)
@@ -210,6 +295,16 @@ class Client:
 
     def put_function_concurrency(self, name: str, reserved: int) -> int:
         return self._run(self._async.put_function_concurrency(name, reserved))
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other AsyncClient method, blocking: update_function_code, publish_version, create_alias,
+        list_events, redrive_events, create_tenant, revoke_tenant_key, ..."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = getattr(self._async, name, None)
+        if method is None or not asyncio.iscoroutinefunction(method):
+            raise AttributeError(name)
+        return lambda *args, **kw: self._run(method(*args, **kw))
 
     def delete_function_concurrency(self, name: str) -> None:
         self._run(self._async.delete_function_concurrency(name))

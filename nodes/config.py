@@ -70,6 +70,9 @@ class Settings:
     cold_start_allowance_s: float = 12.0
     default_tenant_limit: int = 1000  # counting: concurrent executions per tenant unless set otherwise
     unreserved_min: int = 100  # counting: reservations must leave at least this much of a tenant's limit
+    event_retry_backoff_s: float = 60.0  # async: the wait before a retry after a function error (doubles)
+    event_visibility_s: float = 60.0  # async: a taken event reappears this long after its poller went quiet
+    event_pollers: int = 16  # async: executions of queued events one frontend runs at once
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,10 +127,10 @@ class Node:
         c = self.config
         from counting.state import Ledger
         from placement.state import PlacementState
-        from registry.state import RegistryState
+        from registry.state import ControlState
 
         states = {
-            "control": RegistryState,
+            "control": lambda: ControlState(retry_backoff_s=c.settings.event_retry_backoff_s),
             "counting": lambda: Ledger(
                 default_limit=c.settings.default_tenant_limit,
                 unreserved_min=c.settings.unreserved_min,

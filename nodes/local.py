@@ -106,6 +106,7 @@ class Region:
         _write_private(region.root / "keys" / "cluster.secret", secret)
         tenant = KeyPair.generate()
         tenant.save(region.root / "tenants", DEFAULT_TENANT)
+        KeyPair.generate().save(region.root / "keys", "operator")  # administers tenants and limits
         control = [n["address"] for n in plan if "control" in n["roles"]]
         for node in plan:
             data_dir = region.root / "nodes" / node["node_id"]
@@ -124,7 +125,8 @@ class Region:
         (region.root / "client.toml").write_text(
             tomli_w.dumps(
                 {"endpoints": endpoints, "server_key": cluster.public.decode(),
-                 "key_file": f"tenants/{DEFAULT_TENANT}.key_secret"}
+                 "key_file": f"tenants/{DEFAULT_TENANT}.key_secret",
+                 "operator_key_file": "keys/operator.key_secret"}
             )
         )
         return region
@@ -344,7 +346,9 @@ class Region:
         return asyncio.run(go())
 
     def ensure_tenant(self, tenant: str = DEFAULT_TENANT) -> None:
-        """Register the tenant's public key with the registry (idempotent)."""
+        """Register the operator's key and the default tenant's key with the registry (idempotent)."""
+        operator = KeyPair.load(self.root / "keys" / "operator.key")
+        self.call("registry", m.RegistryUpdate(command="add_operator", args={"public_key": operator.public.decode()}))
         key = KeyPair.load(self.root / "tenants" / f"{tenant}.key")
         self.call("registry", m.CreateTenant(tenant=tenant, public_keys=(key.public.decode(),)))
 

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from wire.errors import ResourceNotFoundException, ServiceException
+from wire.errors import ResourceConflictException, ResourceNotFoundException, ServiceException
 
 HEARTBEAT_INTERVAL_S = 0.5
 MISSED_HEARTBEATS = 3
@@ -29,6 +29,7 @@ DEFAULT_BLOCK_MB = 2048
 SYSTEM_RESERVED_MB = 512  # kept back on every host for the node itself
 SUSPECT_ERRORS, SUSPECT_WINDOW = 3, 10
 HOLD_DOWN_S, HOLD_DOWN_MAX_S = 5.0, 120.0
+RETIRED_LEASES_KEPT = 100_000
 
 
 @dataclasses.dataclass
@@ -88,6 +89,7 @@ class PlacementState:
         self.nodes: dict[str, NodeRecord] = {}
         self.leases: dict[str, WorkerLease] = {}
         self.leased_mb: dict[str, int] = {}  # node id -> memory under live leases
+        self.retired: dict[str, None] = {}  # lease ids returned, expired or revoked: never granted again
         self.last_tick = 0.0  # the placement leader commits a tick each interval: proof the group is committing
         self.newest_beat = 0.0  # the latest heartbeat any node got committed
 
@@ -198,6 +200,8 @@ class PlacementState:
         existing = self.leases.get(lease_id)
         if existing is not None:
             return {"lease": existing.view(), "node": self._node_view(existing.node_id, now)}
+        if lease_id in self.retired:
+            raise ResourceConflictException(f"lease {lease_id} has ended; ask again under a new id")
         node = self.choose(now, memory_mb, manager, prefer_azs, avoid_nodes)
         if node is None:
             raise ServiceException(
@@ -213,6 +217,9 @@ class PlacementState:
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return False
+        self.retired[lease_id] = None
+        while len(self.retired) > RETIRED_LEASES_KEPT:
+            del self.retired[next(iter(self.retired))]
         self.leased_mb[lease.node_id] = self.leased_mb.get(lease.node_id, 0) - lease.memory_mb
         return True
 

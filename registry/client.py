@@ -48,3 +48,23 @@ class RegistryClient:
     async def list_tenants(self) -> dict[str, Any]:
         resp = await self.fo.call(m.ListTenants(), timeout_s=2.0)
         return resp.fields["tenants"]
+
+    async def update(self, command: str, *, request_id: str | None = None, **args: Any) -> Any:
+        """A replicated change to a function or a tenant (registry.state.RegistryState.cmd_<command>)."""
+        resp = await self.fo.call(m.RegistryUpdate(command=command, args=args), request_id=request_id)
+        return resp.fields["result"]
+
+    async def describe(self, tenant: str, name: str, qualifier: str | None = None, what: str = "resolve") -> Any:
+        resp = await self.fo.call(m.RegistryDescribe(tenant=tenant, name=name, qualifier=qualifier, what=what),
+                                  timeout_s=2.0)
+        return resp.fields.get("choices") or resp.fields.get("versions") or resp.fields.get("aliases") or []
+
+    async def principals(self) -> dict[str, str]:
+        resp = await self.fo.call(m.RegistryPrincipals(), timeout_s=2.0)
+        return resp.fields["principals"]
+
+    async def events(self, action: str, payload: bytes | None = None, *, request_id: str | None = None,
+                     timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
+        resp = await self.fo.call(m.RegistryEvents(action=action, args=args), payload, request_id=request_id,
+                                  timeout_s=timeout_s)
+        return resp.fields

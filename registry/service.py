@@ -35,6 +35,10 @@ class RegistryService:
                 m.GetBlob: self.get_blob,
                 m.CreateTenant: self.rt.at_leader("control", "registry", self.create_tenant),
                 m.ListTenants: self.list_tenants,
+                m.RegistryUpdate: self.rt.at_leader("control", "registry", self.update),
+                m.RegistryDescribe: self.describe,
+                m.RegistryPrincipals: self.principals,
+                m.RegistryEvents: self.events,
             },
         )
         await server.serve()
@@ -79,6 +83,58 @@ class RegistryService:
     async def list_tenants(self, req: Request) -> dict:
         with self.group.machine.read() as state:
             return {"tenants": state.list_tenants()}
+
+    async def update(self, req: Request) -> dict:
+        result = await self.group.submit(req.msg.command, dict(req.msg.args), request_id=req.id,
+                                         timeout_s=req.remaining_s(5))
+        log.info("registry.updated", command=req.msg.command, function=req.msg.args.get("name"),
+                 tenant=req.msg.args.get("tenant"))
+        return {"result": result}
+
+    async def describe(self, req: Request) -> dict:
+        msg = req.msg
+        with self.group.machine.read() as state:
+            if msg.what == "versions":
+                return {"versions": state.list_versions(msg.tenant, msg.name)}
+            if msg.what == "aliases":
+                return {"aliases": state.list_aliases(msg.tenant, msg.name)}
+            return {"choices": state.describe(msg.tenant, msg.name, msg.qualifier)}
+
+    async def principals(self, req: Request) -> dict:
+        with self.group.machine.read() as state:
+            return {"principals": state.principals()}
+
+    async def events(self, req: Request) -> dict:
+        """The async queue. Writes commit (at the leader: the wrapper below forwards); reads use this replica."""
+        op, args = req.msg.action, dict(req.msg.args)
+        if op in ("put", "take", "settle", "redrive"):
+            return await self._events_write(req, op, args)
+        now = self.rt.now()
+        with self.group.machine.read() as state:
+            queue = state.events
+            if op == "visible":
+                return {"visible": queue.visible(now)}
+            if op == "list":
+                return {"events": queue.list(args["tenant"], args.get("state"), int(args.get("limit", 100))),
+                        "counts": queue.counts(args["tenant"])}
+            if op == "counts":
+                return {"counts": queue.counts(args.get("tenant"))}
+            return {"event": queue.get(args["tenant"], args["event_id"])}
+
+    async def _events_write(self, req: Request, op: str, args: dict) -> dict:
+        group = self.group
+        leader = group.leader_host()
+        if leader is not None:  # as at_leader does, for the writes only
+            try:
+                resp = await self.rt.pool.call(self.rt.config.endpoint("registry", leader), req.msg, req.payload,
+                                               request_id=req.id, timeout_s=max(0.05, min(req.remaining_s(3), 3.0)))
+                return resp.fields
+            except PeerUnavailable:
+                pass
+        if op == "put":
+            args["payload"] = req.payload or b""
+        result = await group.submit(f"events_{op}", args, request_id=req.id, timeout_s=req.remaining_s(5))
+        return {"result": result}
 
     async def put_blob(self, req: Request) -> dict:
         """Store a blob here and, unless this is itself a replica push, on a majority of control nodes."""

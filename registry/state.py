@@ -1,68 +1,244 @@
-"""Function metadata and tenants, replicated in the `control` Raft group. No I/O.
+"""Function metadata, versions, aliases and tenants, replicated in the `control` Raft group. No I/O.
 
 Code is not here: it is a content-addressed blob (sha256) kept by the control nodes' blob stores; a function
-record names its blob.
+record names its blob. The async event queue shares the group (`ControlState` at the bottom).
 """
 
 from __future__ import annotations
 
+import copy
+import random
 from typing import Any
 
-from wire.errors import ResourceConflictException, ResourceNotFoundException
+from wire.errors import (
+    InvalidParameterValueException,
+    ResourceConflictException,
+    ResourceNotFoundException,
+)
+
+LATEST = "$LATEST"
+ASYNC_DEFAULTS = {"maximum_retry_attempts": 2, "maximum_event_age_s": 6 * 3600}
+CONFIG_FIELDS = ("handler", "runtime", "memory_mb", "timeout_s", "environment", "network",
+                 "maximum_retry_attempts", "maximum_event_age_s")
 
 
 class RegistryState:
     def __init__(self) -> None:
+        # (tenant, name) -> {"latest": config, "versions": {"1": config}, "aliases": {...}, "published_sha": ...}
         self.functions: dict[tuple[str, str], dict[str, Any]] = {}
         self.tenants: dict[str, dict[str, Any]] = {}
+        self.operators: list[str] = []  # public keys allowed to administer tenants and limits
         self._key_owner: dict[str, str] = {}
 
-    # --- commands ------------------------------------------------------------------------------------------------
+    # --- functions -----------------------------------------------------------------------------------------------
 
     def cmd_create_function(self, now: float, config: dict[str, Any]) -> dict[str, Any]:
         key = (config["tenant"], config["name"])
         if key in self.functions:
             raise ResourceConflictException(
-                f"Function already exist: {config['name']}. Delete it first, or pick another name."
+                f"Function already exist: {config['name']}. Update it, or delete it first."
             )
-        record = {**config, "created_ms": int(now * 1000)}
-        self.functions[key] = record
-        return record
+        record = {**ASYNC_DEFAULTS, **config, "version": LATEST, "created_ms": int(now * 1000),
+                  "last_modified_ms": int(now * 1000)}
+        self.functions[key] = {"latest": record, "versions": {}, "aliases": {}, "next_version": 1}
+        return dict(record)
+
+    def cmd_update_code(self, now: float, tenant: str, name: str, code_sha256: str, code_size: int) -> dict[str, Any]:
+        latest = self._entry(tenant, name)["latest"]
+        latest.update(code_sha256=code_sha256, code_size=code_size, last_modified_ms=int(now * 1000))
+        return dict(latest)
+
+    def cmd_update_config(self, now: float, tenant: str, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        latest = self._entry(tenant, name)["latest"]
+        unknown = set(changes) - set(CONFIG_FIELDS)
+        if unknown:
+            raise InvalidParameterValueException(f"cannot change {', '.join(sorted(unknown))}")
+        latest.update(changes)
+        latest["last_modified_ms"] = int(now * 1000)
+        return dict(latest)
 
     def cmd_delete_function(self, now: float, tenant: str, name: str) -> None:
         if self.functions.pop((tenant, name), None) is None:
             raise _not_found(name)
+
+    def cmd_publish_version(self, now: float, tenant: str, name: str, description: str = "") -> dict[str, Any]:
+        """An immutable copy of $LATEST. Publishing unchanged code and configuration returns the last version."""
+        entry = self._entry(tenant, name)
+        latest = entry["latest"]
+        fingerprint = {k: latest.get(k) for k in (*CONFIG_FIELDS, "code_sha256")}
+        if entry["versions"]:
+            last = entry["versions"][str(entry["next_version"] - 1)]
+            if {k: last.get(k) for k in fingerprint} == fingerprint:
+                return dict(last)
+        version = str(entry["next_version"])
+        entry["next_version"] += 1
+        entry["versions"][version] = {**copy.deepcopy(latest), "version": version, "description": description,
+                                      "published_ms": int(now * 1000)}
+        return dict(entry["versions"][version])
+
+    def cmd_put_alias(self, now: float, tenant: str, name: str, alias: str, version: str,
+                      additional_version: str | None = None, weight: float = 0.0,
+                      create: bool = True) -> dict[str, Any]:
+        """Create (or update) an alias pointing at a published version, optionally sending `weight` (0 to 1) of
+        invokes to a second version, for a canary."""
+        entry = self._entry(tenant, name)
+        if alias == LATEST or alias.isdigit():
+            raise InvalidParameterValueException("an alias name cannot be $LATEST or a number")
+        exists = alias in entry["aliases"]
+        if create and exists:
+            raise ResourceConflictException(f"Alias already exists: {name}:{alias}")
+        if not create and not exists:
+            raise ResourceNotFoundException(f"Alias not found: {name}:{alias}")
+        for v in filter(None, (version, additional_version)):
+            if v != LATEST and v not in entry["versions"]:
+                raise InvalidParameterValueException(f"version {v} of {name} is not published")
+        if not 0.0 <= weight <= 1.0:
+            raise InvalidParameterValueException("an alias weight must be between 0 and 1")
+        if additional_version is not None and additional_version == version:
+            raise InvalidParameterValueException("the additional version must differ from the main one")
+        entry["aliases"][alias] = {"name": alias, "version": version, "additional_version": additional_version,
+                                   "weight": weight if additional_version else 0.0}
+        return dict(entry["aliases"][alias])
+
+    def cmd_delete_alias(self, now: float, tenant: str, name: str, alias: str) -> None:
+        if self._entry(tenant, name)["aliases"].pop(alias, None) is None:
+            raise ResourceNotFoundException(f"Alias not found: {name}:{alias}")
+
+    # --- reads ---------------------------------------------------------------------------------------------------
+
+    def _entry(self, tenant: str, name: str) -> dict[str, Any]:
+        entry = self.functions.get((tenant, name))
+        if entry is None:
+            raise _not_found(name)
+        return entry
+
+    def get_function(self, tenant: str, name: str) -> dict[str, Any]:
+        return dict(self._entry(tenant, name)["latest"])
+
+    def resolve(self, tenant: str, name: str, qualifier: str | None, roll: float | None = None) -> dict[str, Any]:
+        """The configuration an invoke of name[:qualifier] runs: $LATEST, a version, or an alias (choosing its
+        additional version with probability `weight`; `roll` in [0, 1) makes the choice)."""
+        entry = self._entry(tenant, name)
+        if qualifier in (None, LATEST):
+            return dict(entry["latest"])
+        if qualifier in entry["versions"]:
+            return dict(entry["versions"][qualifier])
+        alias = entry["aliases"].get(qualifier)
+        if alias is None:
+            raise ResourceNotFoundException(f"Function not found: {name}:{qualifier}")
+        roll = random.random() if roll is None else roll
+        version = alias["additional_version"] if alias["additional_version"] and roll < alias["weight"] \
+            else alias["version"]
+        config = entry["latest"] if version == LATEST else entry["versions"][version]
+        return {**config, "alias": qualifier}
+
+    def describe(self, tenant: str, name: str, qualifier: str | None) -> list[dict[str, Any]]:
+        """The configurations name[:qualifier] may run, each with the share of invokes it gets: one for $LATEST
+        or a version, one or two for an alias (the frontend rolls the weight)."""
+        entry = self._entry(tenant, name)
+        if qualifier in (None, LATEST):
+            return [{"weight": 1.0, "config": dict(entry["latest"])}]
+        if qualifier in entry["versions"]:
+            return [{"weight": 1.0, "config": dict(entry["versions"][qualifier])}]
+        alias = entry["aliases"].get(qualifier)
+        if alias is None:
+            raise ResourceNotFoundException(f"Function not found: {name}:{qualifier}")
+
+        def config(v: str) -> dict[str, Any]:
+            return {**(entry["latest"] if v == LATEST else entry["versions"][v]), "alias": qualifier}
+
+        out = [{"weight": 1.0 - alias["weight"], "config": config(alias["version"])}]
+        if alias["additional_version"]:
+            out.append({"weight": alias["weight"], "config": config(alias["additional_version"])})
+        return out
+
+    def list_functions(self, tenant: str | None) -> list[dict[str, Any]]:
+        return [dict(e["latest"]) for (t, _), e in sorted(self.functions.items()) if tenant is None or t == tenant]
+
+    def list_versions(self, tenant: str, name: str) -> list[dict[str, Any]]:
+        entry = self._entry(tenant, name)
+        return [dict(entry["latest"])] + [dict(v) for _, v in sorted(entry["versions"].items(), key=lambda kv: int(kv[0]))]
+
+    def list_aliases(self, tenant: str, name: str) -> list[dict[str, Any]]:
+        return [dict(a) for _, a in sorted(self._entry(tenant, name)["aliases"].items())]
+
+    # --- tenants and keys ----------------------------------------------------------------------------------------
 
     def cmd_create_tenant(self, now: float, tenant: str, public_keys: list[str]) -> dict[str, Any]:
         for key in public_keys:
             owner = self._key_owner.get(key)
             if owner is not None and owner != tenant:
                 raise ResourceConflictException("that public key already belongs to another tenant")
-        record = self.tenants.setdefault(tenant, {"keys": [], "created_ms": int(now * 1000)})
+        record = self.tenants.setdefault(tenant, {"keys": [], "revoked": [], "created_ms": int(now * 1000)})
         for key in public_keys:
+            if key in record["revoked"]:
+                raise InvalidParameterValueException("that key was revoked; make a new one")
             if key not in record["keys"]:
                 record["keys"].append(key)
             self._key_owner[key] = tenant
-        return record
+        return _tenant_view(tenant, record)
 
-    # --- reads ---------------------------------------------------------------------------------------------------
+    def cmd_add_key(self, now: float, tenant: str, public_key: str) -> dict[str, Any]:
+        if tenant not in self.tenants:
+            raise ResourceNotFoundException(f"no tenant {tenant}; create it first")
+        return self.cmd_create_tenant(now, tenant, [public_key])
 
-    def get_function(self, tenant: str, name: str) -> dict[str, Any]:
-        record = self.functions.get((tenant, name))
-        if record is None:
-            raise _not_found(name)
-        return dict(record)
+    def cmd_revoke_key(self, now: float, tenant: str, public_key: str) -> dict[str, Any]:
+        record = self.tenants.get(tenant)
+        if record is None or public_key not in record["keys"]:
+            raise ResourceNotFoundException(f"tenant {tenant} has no such key")
+        record["keys"].remove(public_key)
+        record["revoked"].append(public_key)
+        self._key_owner.pop(public_key, None)
+        return _tenant_view(tenant, record)
 
-    def list_functions(self, tenant: str | None) -> list[dict[str, Any]]:
-        return [dict(r) for (t, _), r in sorted(self.functions.items()) if tenant is None or t == tenant]
+    def cmd_add_operator(self, now: float, public_key: str) -> list[str]:
+        if public_key in self._key_owner:
+            raise ResourceConflictException("that key belongs to a tenant")
+        if public_key not in self.operators:
+            self.operators.append(public_key)
+        return list(self.operators)
 
     def tenant_for_key(self, public_key: str) -> str | None:
         return self._key_owner.get(public_key)
 
     def list_tenants(self) -> dict[str, dict[str, Any]]:
-        return {name: {"keys": list(r["keys"]), "created_ms": r["created_ms"]} for name, r in self.tenants.items()}
+        return {name: _tenant_view(name, r) for name, r in self.tenants.items()}
+
+    def principals(self) -> dict[str, str]:
+        """Every active key and who it is: 'tenant:NAME' or 'operator'. Frontends cache this for their ZAP."""
+        out = {key: f"tenant:{tenant}" for key, tenant in self._key_owner.items()}
+        out.update({key: "operator" for key in self.operators})
+        return out
+
+
+def _tenant_view(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    return {"tenant": name, "keys": list(record["keys"]), "revoked": len(record.get("revoked", [])),
+            "created_ms": record["created_ms"]}
 
 
 def _not_found(name: str) -> ResourceNotFoundException:
     # The same answer whether the function is missing or belongs to someone else: existence is not disclosed.
     return ResourceNotFoundException(f"Function not found: {name}")
+
+
+class ControlState(RegistryState):
+    """The `control` group's state: the registry, and the async event queue beside it."""
+
+    def __init__(self, retry_backoff_s: float = 60.0) -> None:
+        super().__init__()
+        from frontend.events import EventQueue
+
+        self.events = EventQueue(retry_backoff_s=retry_backoff_s)
+
+    def cmd_events_put(self, now: float, **kw: Any) -> dict[str, Any]:
+        return self.events.put(now, **kw)
+
+    def cmd_events_take(self, now: float, **kw: Any) -> list[dict[str, Any]]:
+        return self.events.take(now, **kw)
+
+    def cmd_events_settle(self, now: float, **kw: Any) -> list[dict[str, Any]]:
+        return self.events.settle(now, **kw)
+
+    def cmd_events_redrive(self, now: float, **kw: Any) -> int:
+        return self.events.redrive(now, **kw)

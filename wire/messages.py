@@ -52,6 +52,8 @@ class FunctionConfig(Message):
     code_size: int = integer(0, ZIP_MAX_BYTES, default=0)
     created_ms: int = integer(0, default=0)
     network: bool = flag(default=False)  # the sandbox gets the host's network instead of none
+    maximum_retry_attempts: int = integer(0, 2, default=2)  # async: retries after a function error
+    maximum_event_age_s: int = integer(60, 21600, default=21600)  # async: an event older than this is dead
 
     @property
     def key(self) -> str:
@@ -96,6 +98,105 @@ class CreateFunction(Message):
 @message("get_function")
 class GetFunction(Message):
     name: str = text(NAME_MAX)
+    qualifier: str | None = text(NAME_MAX, default=None)
+
+
+@message("update_function_code", max_payload_bytes=ZIP_MAX_BYTES)
+class UpdateFunctionCode(Message):
+    name: str = text(NAME_MAX)
+
+
+@message("update_function_configuration")
+class UpdateFunctionConfiguration(Message):
+    name: str = text(NAME_MAX)
+    handler: str | None = text(HANDLER_MAX, default=None)
+    runtime: str | None = text(32, choices=RUNTIMES, default=None)
+    memory_mb: int | None = integer(MEMORY_MB_MIN, MEMORY_MB_MAX, default=None)
+    timeout_s: float | None = number(0.001, TIMEOUT_S_MAX, default=None)
+    environment: dict | None = text_map(256, default=None)
+    network: bool | None = flag(default=None)
+    maximum_retry_attempts: int | None = integer(0, 2, default=None)
+    maximum_event_age_s: int | None = integer(60, 21600, default=None)
+
+
+@message("publish_version")
+class PublishVersion(Message):
+    name: str = text(NAME_MAX)
+    description: str = text(256, default="")
+
+
+@message("list_versions")
+class ListVersions(Message):
+    name: str = text(NAME_MAX)
+
+
+@message("put_alias")
+class PutAlias(Message):
+    name: str = text(NAME_MAX)
+    alias: str = text(NAME_MAX)
+    version: str = text(16)
+    additional_version: str | None = text(16, default=None)
+    weight: float = number(0, 1, default=0.0)
+    create: bool = flag(default=True)
+
+
+@message("delete_alias")
+class DeleteAlias(Message):
+    name: str = text(NAME_MAX)
+    alias: str = text(NAME_MAX)
+
+
+@message("list_aliases")
+class ListAliases(Message):
+    name: str = text(NAME_MAX)
+
+
+@message("list_events")
+class ListEvents(Message):
+    state: str | None = text(16, choices=("queued", "inflight", "done", "dlq"), default=None)
+    limit: int = integer(1, 10_000, default=100)
+
+
+@message("get_event")
+class GetEvent(Message):
+    event_id: str = text(ID_MAX)
+
+
+@message("redrive_events")
+class RedriveEvents(Message):
+    event_ids: tuple | None = text_list(10_000, default=None)  # absent: every dead-lettered event
+
+
+# --- operator (through the frontend, with an operator key) -------------------------------------------------------
+
+
+@message("tenant.create")
+class TenantCreate(Message):
+    tenant: str = text(NAME_MAX)
+    public_key: str = text(40)
+
+
+@message("tenant.add_key")
+class TenantAddKey(Message):
+    tenant: str = text(NAME_MAX)
+    public_key: str = text(40)
+
+
+@message("tenant.revoke_key")
+class TenantRevokeKey(Message):
+    tenant: str = text(NAME_MAX)
+    public_key: str = text(40)
+
+
+@message("tenant.list")
+class TenantList(Message):
+    pass
+
+
+@message("tenant.limit")
+class TenantLimit(Message):
+    tenant: str = text(NAME_MAX)
+    limit: int | None = integer(0, 1_000_000, default=None)  # absent: just show it
 
 
 @message("list_functions")
@@ -147,6 +248,38 @@ class RegistryListFunctions(Message):
 class RegistryDeleteFunction(Message):
     tenant: str = text(NAME_MAX)
     name: str = text(NAME_MAX)
+
+
+@message("registry.update")
+class RegistryUpdate(Message):
+    """A replicated change to a function or tenant: `command` names it, `args` are its arguments."""
+
+    command: str = text(32, choices=("update_code", "update_config", "publish_version", "put_alias", "delete_alias",
+                                "add_key", "revoke_key", "add_operator"))
+    args: dict = any_map()
+
+
+@message("registry.describe")
+class RegistryDescribe(Message):
+    """What name[:qualifier] runs: a config, or an alias's configs with their weights; versions and aliases."""
+
+    tenant: str = text(NAME_MAX)
+    name: str = text(NAME_MAX)
+    qualifier: str | None = text(NAME_MAX, default=None)
+    what: str = text(16, choices=("resolve", "versions", "aliases"), default="resolve")
+
+
+@message("registry.principals")
+class RegistryPrincipals(Message):
+    pass
+
+
+@message("registry.events", max_payload_bytes=ASYNC_PAYLOAD_MAX_BYTES)
+class RegistryEvents(Message):
+    """The async queue: put (the payload rides as the raw frame), take, settle, redrive - and reads."""
+
+    action: str = text(16, choices=("put", "take", "settle", "redrive", "visible", "list", "get", "counts"))
+    args: dict = any_map()
 
 
 @message("registry.put_blob", max_payload_bytes=ZIP_MAX_BYTES)

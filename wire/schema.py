@@ -1,8 +1,9 @@
 """Small immutable message types, validated on decode.
 
 A message type is a frozen dataclass whose fields are declared with `text()`, `integer()`, `flag()`, ... Each
-declaration carries its own bounds, so `Message.from_header()` refuses a wrong type, an oversized string or an
-out-of-range number in one place, with an `InvalidRequestContentException` that names the field.
+declaration carries its own bounds, so `Message.from_header()` refuses a malformed request in one place, naming
+the field: a missing field or a wrong type is `InvalidRequestContentException`; a value out of its range, too
+long or not among the choices is `InvalidParameterValueException` (as Lambda says of a memory size of 64 MB).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, TypeVar
 
-from wire.errors import InvalidRequestContentException
+from wire.errors import InvalidParameterValueException, InvalidRequestContentException
 
 _REQUIRED = dataclasses.MISSING
 M = TypeVar("M", bound="Message")
@@ -37,9 +38,9 @@ class Spec:
             if not isinstance(value, str):
                 raise _wrong(name, "a string", value)
             if self.max_len is not None and len(value) > self.max_len:
-                raise InvalidRequestContentException(f"field '{name}' is longer than {self.max_len} characters")
+                raise InvalidParameterValueException(f"field '{name}' is longer than {self.max_len} characters")
             if self.choices is not None and value not in self.choices:
-                raise InvalidRequestContentException(f"field '{name}' must be one of {', '.join(self.choices)}")
+                raise InvalidParameterValueException(f"field '{name}' must be one of {', '.join(self.choices)}")
             return value
         if kind == "int":
             if not isinstance(value, int) or isinstance(value, bool):
@@ -103,9 +104,9 @@ class Spec:
 
     def _range(self, name: str, value: float) -> None:
         if self.min is not None and value < self.min:
-            raise InvalidRequestContentException(f"field '{name}' must be at least {self.min:g}")
+            raise InvalidParameterValueException(f"field '{name}' must be at least {self.min:g}")
         if self.max is not None and value > self.max:
-            raise InvalidRequestContentException(f"field '{name}' must be at most {self.max:g}")
+            raise InvalidParameterValueException(f"field '{name}' must be at most {self.max:g}")
 
 
 def _wrong(name: str, expected: str, value: Any) -> InvalidRequestContentException:

@@ -48,6 +48,7 @@ DOWN_SEND_TIMEOUT_S = 0.25
 
 CLUSTER = "cluster"
 TENANT_PREFIX = "tenant:"
+OPERATOR = "operator"
 
 _ids = itertools.count()
 _id_prefix = f"{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFF:x}"
@@ -64,7 +65,7 @@ def now_ms() -> int:
 
 # --- ZAP ---------------------------------------------------------------------------------------------------------
 
-KeyLookup = Callable[[bytes], Awaitable[str | None]]
+KeyLookup = Callable[[bytes], Awaitable[str | None]]  # public key -> "tenant:NAME", "operator", or None
 
 
 class Authenticator:
@@ -125,11 +126,12 @@ class Authenticator:
             return CLUSTER
         if domain == "tenant" and self.tenant_lookup is not None:
             try:
-                tenant = await asyncio.wait_for(self.tenant_lookup(key), 2.0)
+                principal = await asyncio.wait_for(self.tenant_lookup(key), 2.0)
             except Exception as exc:  # a registry outage must not take the door down: refuse, say why
                 log.warning("zap.lookup_failed", error=str(exc))
                 return None
-            return None if tenant is None else TENANT_PREFIX + tenant
+            # the key rides along, so a request on an open connection can be checked against revocation
+            return None if principal is None else f"{principal}|{key.decode()}"
         return None
 
     def close(self) -> None:
@@ -157,7 +159,19 @@ class Request:
 
     @property
     def tenant(self) -> str | None:
-        return self.principal[len(TENANT_PREFIX):] if self.principal.startswith(TENANT_PREFIX) else None
+        if not self.principal.startswith(TENANT_PREFIX):
+            return None
+        return self.principal[len(TENANT_PREFIX):].split("|", 1)[0]
+
+    @property
+    def role(self) -> str:
+        """cluster, tenant or operator."""
+        return self.principal.split("|", 1)[0].split(":", 1)[0]
+
+    @property
+    def key(self) -> str | None:
+        """The client's public key (tenants and operators), as its CURVE handshake proved it."""
+        return self.principal.split("|", 1)[1] if "|" in self.principal else None
 
 
 @dataclasses.dataclass(slots=True)

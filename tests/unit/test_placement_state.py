@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from placement.state import SYSTEM_RESERVED_MB, PlacementState
-from wire.errors import ResourceNotFoundException, ServiceException
+from wire.errors import ResourceConflictException, ResourceNotFoundException, ServiceException
 
 
 def node(i, az="az1", roles=("worker",), memory_mb=8192 + SYSTEM_RESERVED_MB):
@@ -137,7 +137,7 @@ def test_leases_never_double_book_overfill_or_land_on_an_unfit_host(steps):
         if kind == "lease":
             try:
                 out = s.cmd_lease_worker(now, f"L{a}", f"m{c}", b, lease_s=30)
-            except ServiceException:
+            except (ServiceException, ResourceConflictException):  # no room; or an id that already ended
                 continue
             node_id = out["lease"]["node_id"]
             if f"L{a}" in granted:
