@@ -228,6 +228,7 @@ class FrontendService:
     async def publish_version(self, req: Request) -> dict:
         record = await self.registry.update("publish_version", tenant=req.tenant, name=req.msg.name,
                                             description=req.msg.description, request_id=req.id)
+        self.cache.forget(req.tenant, req.msg.name)
         return {"config": _public(record)}
 
     async def list_versions(self, req: Request) -> dict:
@@ -240,11 +241,13 @@ class FrontendService:
             "put_alias", tenant=req.tenant, name=msg.name, alias=msg.alias, version=msg.version,
             additional_version=msg.additional_version, weight=msg.weight, create=msg.create, request_id=req.id,
         )
+        self.cache.forget(req.tenant, msg.name)
         return {"alias": alias}
 
     async def delete_alias(self, req: Request) -> dict:
         await self.registry.update("delete_alias", tenant=req.tenant, name=req.msg.name, alias=req.msg.alias,
                                    request_id=req.id)
+        self.cache.forget(req.tenant, req.msg.name)
         return {}
 
     async def list_aliases(self, req: Request) -> dict:

@@ -45,7 +45,9 @@ class FunctionCache:
         self._entries[(tenant, name)] = (now, config)
 
     def forget(self, tenant: str, name: str) -> None:
-        self._entries.pop((tenant, name), None)
+        """Forget a function: its $LATEST and every name:qualifier entry."""
+        for key in [k for k in self._entries if k[0] == tenant and (k[1] == name or k[1].startswith(name + ":"))]:
+            del self._entries[key]
 
 
 # --- admission: the credits this frontend holds ------------------------------------------------------------------

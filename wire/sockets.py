@@ -214,7 +214,6 @@ class Server:
         self.endpoint = endpoint
         self.name = name
         self.handlers = {cls.op: h for cls, h in handlers.items()}
-        self.max_payload = max([cls.max_payload_bytes for cls in handlers] + [0])
         self.allowed = allowed or (lambda principal: principal == CLUSTER)
         self.stats = ServerStats()
         self._tasks: set[asyncio.Task] = set()
@@ -257,7 +256,8 @@ class Server:
             principal = ""
         request_id = ""
         try:
-            header, payload = codec.decode([f.bytes for f in frames[1:]], max_payload_bytes=self.max_payload)
+            # the header first, whatever the payload's size: an error reply must carry the request's id
+            header, payload = codec.decode([f.bytes for f in frames[1:]], max_payload_bytes=HARD_MAX_MESSAGE_BYTES)
             request_id = _request_id(header)
             msg_cls, handler, deadline = self._route(header, principal)
             if payload is not None and len(payload) > msg_cls.max_payload_bytes:

@@ -30,3 +30,11 @@ def test_cache_expires_after_ttl():
     assert c.get("t", "f", now=2) == {"name": "f"}
     assert c.get("t", "f", now=2.01) is None
     assert c.get("other", "f", now=0) is None
+
+
+def test_forgetting_a_function_forgets_its_versions_and_aliases():
+    c = FunctionCache(ttl_s=10)
+    for name in ("f", "f:1", "f:live", "fx", "g"):
+        c.put("t", name, {}, now=0)
+    c.forget("t", "f")
+    assert [n for n in ("f", "f:1", "f:live", "fx", "g") if c.get("t", n, 0) is not None] == ["fx", "g"]

@@ -168,6 +168,7 @@ def test_payload_over_the_operation_limit_is_request_too_large(live):
     sock.close(0)
     assert header["error"]["type"] == "RequestTooLargeException"
     assert "limit of get_function" in header["error"]["message"]
+    assert header["id"] == "too-big"  # the caller can tell which request it was
 
 
 def test_an_unknown_key_is_refused_at_the_handshake(live):
