@@ -29,6 +29,7 @@ from registry.package import zip_directory
 from wire import messages as m
 from wire.errors import FlintError
 from wire.keys import KeyPair
+from wire.sockets import new_request_id
 
 DEFAULT_REGION_DIR = Path(os.environ.get("FLINT_REGION", Path.home() / ".flint" / "region"))
 
@@ -106,9 +107,10 @@ class AsyncClient:
 
     async def _call(self, msg: m.Message, payload: bytes | None = None, *, timeout_s: float | None = None):
         attempt = 0
+        request_id = new_request_id()  # one id for every retry: an Event accepted twice is one event
         while True:
             try:
-                return await self.frontend.call(msg, payload, timeout_s=timeout_s)
+                return await self.frontend.call(msg, payload, timeout_s=timeout_s, request_id=request_id)
             except FlintError as err:
                 if not err.retryable or attempt >= self.retries:
                     raise

@@ -447,9 +447,11 @@ class Client:
         while True:
             frames = await self.sock.recv_multipart()
             try:
-                header, payload = codec.decode(frames, max_payload_bytes=HARD_MAX_MESSAGE_BYTES)
-            except FlintError:
+                header, payload = codec.decode(frames, max_payload_bytes=HARD_MAX_MESSAGE_BYTES,
+                                               max_header_bytes=codec.MAX_REPLY_HEADER_BYTES)
+            except FlintError as err:
                 self.unmatched_replies += 1
+                log.warning("client.undecodable_reply", endpoint=self.endpoint, error=str(err))
                 continue
             fut = self._pending.get(header.get("id"))  # type: ignore[arg-type]
             if fut is None or fut.done():

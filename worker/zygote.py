@@ -64,6 +64,8 @@ class Zygote:
                     data, fds, _, _ = socket.recv_fds(self.sock, MAX_REQUEST, 4)
                 except InterruptedError:
                     continue
+                except OSError:
+                    return  # the worker is gone; our children die with us (parent-death signal)
                 if not data:
                     return  # the worker is gone; our children die with us (parent-death signal)
                 self._spawn(msgpack.unpackb(data, raw=False), fds)
