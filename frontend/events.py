@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections import deque
 from typing import Any
 
 QUEUED, INFLIGHT, DONE, DLQ = "queued", "inflight", "done", "dlq"
@@ -54,6 +55,7 @@ class EventQueue:
         self.events: dict[str, Event] = {}
         self._ready: list[tuple[float, int, str]] = []  # (visible_at, seq, event id); stale entries skipped
         self._seq = 0
+        self._finished: deque[tuple[float, str]] = deque()  # (settled_at, event id) of done events, in order
 
     # --- commands ------------------------------------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class EventQueue:
             outcome = o["outcome"]
             if outcome == "ok":
                 event.state, event.settled_at, event.payload = DONE, now, b""
+                self._finished.append((now, event.event_id))
             elif event.owner != poller or event.state != INFLIGHT:
                 continue  # redelivered to someone else meanwhile: theirs to settle
             elif outcome == "extend":
@@ -186,10 +189,12 @@ class EventQueue:
         event.last_error = error
 
     def _collect(self, now: float) -> None:
-        if len(self.events) < MAX_EVENTS // 2:
-            old = [i for i, e in self.events.items()
-                   if e.state == DONE and e.settled_at is not None and now - e.settled_at > DONE_RETENTION_S]
-        else:  # under pressure: forget finished events sooner, never unfinished ones
-            old = [i for i, e in self.events.items() if e.state == DONE]
-        for event_id in old:
-            del self.events[event_id]
+        """Forget done events past their retention, oldest first (amortised O(1) per accept). Under pressure
+        finished events go sooner; unfinished ones never."""
+        pressure = len(self.events) >= MAX_EVENTS // 2
+        while self._finished and (pressure or now - self._finished[0][0] > DONE_RETENTION_S):
+            _, event_id = self._finished.popleft()
+            event = self.events.get(event_id)
+            if event is not None and event.state == DONE:
+                del self.events[event_id]
+            pressure = len(self.events) >= MAX_EVENTS // 2

@@ -53,7 +53,7 @@ FUNCTION_FIELDS = ("handler", "runtime", "memory_mb", "timeout_s", "environment"
 class FrontendService:
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self.registry = RegistryClient(rt.control("registry"))
+        self.registry = RegistryClient(rt.control("registry"), self._control_leader)
         self.counting = CountingClient(rt.control("counting"))
         holder = f"{rt.node_id}-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFFF:x}"  # unique per incarnation
         self.admission = Admission(
@@ -114,6 +114,13 @@ class FrontendService:
         finally:
             renewals.cancel()
             polling.cancel()
+
+    def _control_leader(self) -> str | None:
+        group = self.rt.groups.get("control")
+        host = group.leader_host() if group is not None else None
+        if group is not None and group.is_leader:
+            host = self.rt.config.address
+        return self.rt.config.endpoint("registry", host) if host else None
 
     # --- who is calling ------------------------------------------------------------------------------------------
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from registry.package import sha256
 from wire import messages as m
-from wire.errors import ServiceException
+from wire.errors import PeerUnavailable, ServiceException
 from wire.sockets import Failover
 
 
 class RegistryClient:
-    def __init__(self, failover: Failover):
+    def __init__(self, failover: Failover, leader_endpoint: Callable[[], str | None] | None = None):
         self.fo = failover
+        # on a control node: where the control group's leader serves, so queue writes skip a forwarding hop
+        self.leader_endpoint = leader_endpoint or (lambda: None)
 
     async def create_function(self, config: m.FunctionConfig, *, request_id: str | None = None) -> dict[str, Any]:
         resp = await self.fo.call(m.RegistryCreateFunction(config=config), request_id=request_id)
@@ -65,6 +68,13 @@ class RegistryClient:
 
     async def events(self, action: str, payload: bytes | None = None, *, request_id: str | None = None,
                      timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
-        resp = await self.fo.call(m.RegistryEvents(action=action, args=args), payload, request_id=request_id,
-                                  timeout_s=timeout_s)
+        msg = m.RegistryEvents(action=action, args=args)
+        leader = self.leader_endpoint() if action in ("put", "take", "settle", "redrive") else None
+        if leader is not None:
+            try:
+                return (await self.fo.pool.call(leader, msg, payload, request_id=request_id,
+                                                timeout_s=min(timeout_s, 2.0))).fields
+            except PeerUnavailable:
+                pass  # the leader just changed: any control node will do (same request id)
+        resp = await self.fo.call(msg, payload, request_id=request_id, timeout_s=timeout_s)
         return resp.fields

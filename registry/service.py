@@ -10,11 +10,14 @@ from nodes.runtime import Runtime
 from registry.blobs import BlobStore
 from registry.state import RegistryState
 from wire import messages as m
-from wire.errors import PeerUnavailable, ResourceNotFoundException, ServiceException
+from wire.errors import FlintError, PeerUnavailable, ResourceNotFoundException, ServiceException
 from wire.raft import RaftGroup
-from wire.sockets import Reply, Request
+from wire.sockets import Reply, Request, new_request_id
 
 log = structlog.get_logger("registry")
+
+GROUP_COMMIT_S = 0.001  # an accept waits at most this long for others to share its commit
+GROUP_COMMIT_MAX = 128
 
 
 class RegistryService:
@@ -22,6 +25,7 @@ class RegistryService:
         self.rt = rt
         self.group = group
         self.blobs = BlobStore(rt.config.data_dir / "blobs")
+        self._batch: list = []
 
     async def run(self) -> None:
         server = self.rt.server(
@@ -133,8 +137,38 @@ class RegistryService:
                 pass
         if op == "put":
             args["payload"] = req.payload or b""
+            return {"result": await self._put(args, req.remaining_s(5))}
         result = await group.submit(f"events_{op}", args, request_id=req.id, timeout_s=req.remaining_s(5))
         return {"result": result}
+
+    async def _put(self, args: dict, timeout_s: float) -> dict:
+        """Group commit: accepts arriving together share one Raft command. The first waits GROUP_COMMIT_S for
+        company; under load the batch fills while the previous commit is in flight."""
+        fut = asyncio.get_running_loop().create_future()
+        self._batch.append((args, fut))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_later(GROUP_COMMIT_S, self._spawn_flush, timeout_s)
+        elif len(self._batch) >= GROUP_COMMIT_MAX:
+            self._spawn_flush(timeout_s)
+        return await fut
+
+    def _spawn_flush(self, timeout_s: float) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            asyncio.get_running_loop().create_task(self._flush(batch, timeout_s))
+
+    async def _flush(self, batch: list, timeout_s: float) -> None:
+        try:
+            results = await self.group.submit("events_put_many", {"items": [a for a, _ in batch]},
+                                              request_id=new_request_id(), timeout_s=timeout_s)
+        except FlintError as err:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_, fut), result in zip(batch, results):
+            if not fut.done():
+                fut.set_result(result)
 
     async def put_blob(self, req: Request) -> dict:
         """Store a blob here and, unless this is itself a replica push, on a majority of control nodes."""

@@ -234,6 +234,10 @@ class ControlState(RegistryState):
     def cmd_events_put(self, now: float, **kw: Any) -> dict[str, Any]:
         return self.events.put(now, **kw)
 
+    def cmd_events_put_many(self, now: float, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Several accepts in one commit (group commit at the leader); each is idempotent on its event id."""
+        return [self.events.put(now, **item) for item in items]
+
     def cmd_events_take(self, now: float, **kw: Any) -> list[dict[str, Any]]:
         return self.events.take(now, **kw)
 
