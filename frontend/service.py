@@ -422,14 +422,16 @@ class FrontendService:
         retried once elsewhere; one that may have started is not, and says so."""
         avoid: list[str] = []
         skipped_managers: set[str] = set()
+        why: list[str] = []
         retried = False
         for _ in range(4):
-            manager = await self._manager_for(config.key, skipped_managers)
+            manager = await self._manager_for(config.key, skipped_managers, why)
             try:
                 res = await self.managers.reserve(manager, config, request_id, avoid)
             except PeerUnavailable as err:
                 log.warning("manager.unreachable", manager=manager, error=str(err))
                 skipped_managers.add(manager)
+                why.append(f"{manager}: {err.reason}")
                 self._manager_down[manager] = time.monotonic() + MANAGER_DOWN_S
                 continue
             release = dict(function_key=config.key, sandbox_id=res["sandbox_id"], request_id=request_id)
@@ -465,7 +467,7 @@ class FrontendService:
             return resp
         raise ServiceException("no worker manager or host could take this invoke; retry shortly", reason="NoRoute")
 
-    async def _manager_for(self, function_key: str, skipped: set[str]) -> str:
+    async def _manager_for(self, function_key: str, skipped: set[str], why: list[str] = ()) -> str:
         await self.view.refresh()
         nodes = {n["node_id"]: n for n in self.view.healthy("manager")}
         endpoints = {nid: f"tcp://{n['address']}:{n['ports']['manager']}" for nid, n in nodes.items()}
@@ -478,7 +480,8 @@ class FrontendService:
             return order[0]
         if self.view.nodes and not nodes:
             raise ServiceException("no healthy worker manager in the region", reason="NoManager")
-        raise ServiceException("every worker manager failed this invoke; retry shortly", reason="NoManager")
+        raise ServiceException(f"every worker manager failed this invoke ({'; '.join(why)}); retry shortly",
+                               reason="NoManager")
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -61,8 +61,10 @@ class SteadyLoad:
                 began = time.monotonic()
                 try:
                     result = client.invoke(self.function, self.payload)
-                    outcome = Outcome(began, time.monotonic(), result.function_error is None,
-                                      "" if result.function_error is None else f"FunctionError:{result.function_error}")
+                    error = ""
+                    if result.function_error is not None:
+                        error = f"FunctionError:{(result.json() or {}).get('errorType', result.function_error)}"
+                    outcome = Outcome(began, time.monotonic(), result.function_error is None, error)
                 except FlintError as err:
                     outcome = Outcome(began, time.monotonic(), False, f"{err.type_name}:{err.reason}")
                 except Exception as exc:  # noqa: BLE001 - recorded as a failure of the platform to be clear

@@ -123,7 +123,14 @@ class RegistryService:
                         "counts": queue.counts(args["tenant"])}
             if op == "counts":
                 return {"counts": queue.counts(args.get("tenant"))}
-            return {"event": queue.get(args["tenant"], args["event_id"])}
+            event = queue.get(args["tenant"], args["event_id"])
+        leader = self.group.leader_host()
+        if event is None and leader is not None:
+            # just accepted at the leader, not yet applied here: read your own write there
+            resp = await self.rt.pool.call(self.rt.config.endpoint("registry", leader), req.msg,
+                                           request_id=req.id, timeout_s=max(0.05, min(req.remaining_s(2), 2.0)))
+            return resp.fields
+        return {"event": event}
 
     async def _events_write(self, req: Request, op: str, args: dict) -> dict:
         group = self.group
