@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,6 +87,39 @@ def test_cluster_function_and_invoke_commands(tmp_path):
         down = flint("cluster", "down", "--dir", str(region), "--purge")
     assert down.returncode == 0 and down.stdout.count("stopped") == 3
     assert not region.exists()
+
+
+def test_a_new_tenant_from_key_to_first_sync_and_async_invoke(tmp_path):
+    region = tmp_path / "region"
+    assert flint("cluster", "up", "--dir", str(region), "--base-ip", fresh_base_ip()).returncode == 0
+    try:
+        made = flint("tenant", "create", "acme", "--region", str(region))
+        assert made.returncode == 0, made.stderr
+        secret = region / "tenants" / "acme.key_secret"
+        assert secret.exists() and (secret.stat().st_mode & 0o777) == 0o600
+        key = ["--region", str(region), "--key", str(secret)]
+        assert flint("function", "create", "hello", "--code", "examples/hello", "--handler", "handler.handle",
+                     *key).returncode == 0
+        payload = tmp_path / "event.json"
+        payload.write_text('{"name": "Acme"}')
+        out = tmp_path / "out.json"
+        sync = flint("invoke", "hello", str(out), "--payload", f"file://{payload}", *key)
+        assert sync.returncode == 0 and "StatusCode: 200" in sync.stderr
+        assert json.loads(out.read_text())["message"] == "Hello, Acme!"
+        queued = flint("invoke", "hello", "--type", "Event", "--payload", '{"name": "later"}', *key)
+        assert queued.returncode == 0 and "StatusCode: 202" in queued.stderr
+        event_id = queued.stderr.split("RequestId: ")[1].split()[0]
+        for _ in range(50):
+            shown = flint("events", "show", event_id, *key)
+            if json.loads(shown.stdout)["state"] == "done":
+                break
+            time.sleep(0.2)
+        assert json.loads(shown.stdout)["state"] == "done"
+        assert "done: 1" in flint("events", "list", *key).stdout
+        # the default tenant does not see acme's function
+        assert "hello" not in flint("function", "list", "--region", str(region)).stdout
+    finally:
+        flint("cluster", "down", "--dir", str(region), "--purge")
 
 
 def test_commands_without_a_region_say_how_to_get_one(tmp_path):
