@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--version", required=True, help="a published version number, or $LATEST")
         sp.add_argument("--additional-version", help="a second version for a canary")
         sp.add_argument("--weight", type=float, default=0.0, help="share of invokes (0 to 1) for the canary")
-    acreate.set_defaults(func=cmd_alias_create)
-    aupdate.set_defaults(func=cmd_alias_update)
+    acreate.set_defaults(func=cmd_alias_put, create=True)
+    aupdate.set_defaults(func=cmd_alias_put, create=False)
     adel = asub.add_parser("delete", help="delete an alias")
     adel.add_argument("name")
     adel.add_argument("alias")
@@ -564,18 +564,11 @@ def cmd_function_versions(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_alias_create(args: argparse.Namespace) -> int:
+def cmd_alias_put(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        alias = client.create_alias(args.name, args.alias, args.version,
-                                    additional_version=args.additional_version, weight=args.weight)
-    print(_alias_line(args.name, alias))
-    return 0
-
-
-def cmd_alias_update(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        alias = client.update_alias(args.name, args.alias, args.version,
-                                    additional_version=args.additional_version, weight=args.weight)
+        put = client.create_alias if args.create else client.update_alias
+        alias = put(args.name, args.alias, args.version, additional_version=args.additional_version,
+                    weight=args.weight)
     print(_alias_line(args.name, alias))
     return 0
 
