@@ -424,7 +424,15 @@ class FrontendService:
         skipped_managers: set[str] = set()
         why: list[str] = []
         retried = False
-        for _ in range(4):
+        rounds = 0
+        for _ in range(8):
+            if skipped_managers and self._all_managers_in(skipped_managers) and rounds < 2 \
+                    and all(w.endswith("NotSent") for w in why):
+                # every manager failed before the request left (nodes busy starting, a handshake still under
+                # way): nothing ran anywhere, so wait a moment and go round once more
+                rounds += 1
+                await asyncio.sleep(0.3 * rounds)
+                skipped_managers.clear()
             manager = await self._manager_for(config.key, skipped_managers, why)
             try:
                 res = await self.managers.reserve(manager, config, request_id, avoid)
@@ -466,6 +474,9 @@ class FrontendService:
                 resp.fields["cold_start"] = True
             return resp
         raise ServiceException("no worker manager or host could take this invoke; retry shortly", reason="NoRoute")
+
+    def _all_managers_in(self, endpoints: set[str]) -> bool:
+        return all(f"tcp://{n['address']}:{n['ports']['manager']}" in endpoints for n in self.view.healthy("manager"))
 
     async def _manager_for(self, function_key: str, skipped: set[str], why: list[str] = ()) -> str:
         await self.view.refresh()

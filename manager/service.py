@@ -169,7 +169,7 @@ class ManagerService:
 
     async def _send_report(self, node_id: str, ok: bool) -> None:
         try:
-            await self.placement.report(node_id, ok)
+            await self.placement.report(node_id, ok, self._incarnations.get(node_id))
         except FlintError:
             pass
 

@@ -12,7 +12,7 @@ from wire.keys import KeyPair
 from wire.raft import RaftGroup
 from wire.schema import Message
 from wire.errors import PeerUnavailable
-from wire.sockets import CLUSTER, FIRST_SEND_TIMEOUT_S, Authenticator, ClientPool, Failover, Handler, Reply, Server
+from wire.sockets import CLUSTER, Authenticator, ClientPool, Failover, Handler, Reply, Server
 
 
 class Runtime:
@@ -20,7 +20,7 @@ class Runtime:
         self.config = config
         self.ctx = zmq.asyncio.Context()
         self.keys = KeyPair.load(config.keys_dir / "cluster.key_secret")
-        self.pool = ClientPool(self.ctx, self.keys, self.keys.public, first_send_timeout_s=FIRST_SEND_TIMEOUT_S)
+        self.pool = ClientPool(self.ctx, self.keys, self.keys.public)
         self.auth = Authenticator(self.ctx, self.keys.public)
         self.groups: dict[str, RaftGroup] = {}
         self.facts: dict[str, Any] = {}  # things one role tells the others: e.g. the worker's isolation level

@@ -46,8 +46,8 @@ class PlacementClient:
         resp = await self.fo.call(m.ListLeases(manager=manager), timeout_s=2.0)
         return resp.fields["leases"]
 
-    async def report(self, node_id: str, ok: bool) -> None:
-        await self.fo.call(m.ReportOutcome(node_id=node_id, ok=ok), timeout_s=2.0)
+    async def report(self, node_id: str, ok: bool, incarnation: int | None = None) -> None:
+        await self.fo.call(m.ReportOutcome(node_id=node_id, ok=ok, incarnation=incarnation), timeout_s=2.0)
 
     async def drain(self, node_id: str, draining: bool = True) -> dict[str, Any]:
         return (await self.fo.call(m.Drain(node_id=node_id, draining=draining))).fields

@@ -93,7 +93,8 @@ class PlacementService:
             return {"leases": state.leases_of(req.msg.manager, self.rt.now())}
 
     async def report(self, req: Request) -> dict:
-        suspect = await self._commit(req, "report", {"node_id": req.msg.node_id, "ok": req.msg.ok})
+        suspect = await self._commit(req, "report", {"node_id": req.msg.node_id, "ok": req.msg.ok,
+                                                     "incarnation": req.msg.incarnation})
         if suspect and not req.msg.ok:
             log.warning("node.suspect", target_node=req.msg.node_id)
         return {"suspect": suspect}

@@ -28,6 +28,7 @@ DEFAULT_LEASE_S = 6 * 3600.0
 DEFAULT_BLOCK_MB = 2048
 SYSTEM_RESERVED_MB = 512  # kept back on every host for the node itself
 SUSPECT_ERRORS, SUSPECT_WINDOW = 3, 10
+SUSPECT_MEMORY_S = 30.0  # a reported error counts this long: a suspect host with nothing on it is tried again
 HOLD_DOWN_S, HOLD_DOWN_MAX_S = 5.0, 120.0
 RETIRED_LEASES_KEPT = 100_000
 
@@ -40,8 +41,9 @@ class NodeRecord:
     sandboxes: int = 0
     memory_used_mb: int = 0
     incarnation: int = 1  # bumped on every re-registration: a restarted node is a new incarnation
-    outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=SUSPECT_WINDOW))
+    outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=SUSPECT_WINDOW))  # (when, ok)
     draining: bool = False
+    last_seen: float = 0.0  # the latest command time this record was looked at (ages reported errors out)
     bad_since: float | None = None  # when it last went unhealthy or suspect
     hold_until: float = 0.0  # damped recovery: no new leases before this
     relapses: int = 0
@@ -60,7 +62,11 @@ class NodeRecord:
 
     @property
     def suspect(self) -> bool:
-        return sum(1 for ok in self.outcomes if not ok) >= SUSPECT_ERRORS
+        """3 system errors in its last 10 reported invokes, counting only errors of the last 30 s."""
+        if not self.outcomes:
+            return False
+        newest = max(self.outcomes[-1][0], self.last_seen)
+        return sum(1 for when, ok in self.outcomes if not ok and newest - when <= SUSPECT_MEMORY_S) >= SUSPECT_ERRORS
 
 
 @dataclasses.dataclass
@@ -123,13 +129,14 @@ class PlacementState:
         self._damp(record, now)
         return record.incarnation
 
-    def cmd_report(self, now: float, node_id: str, ok: bool) -> bool:
+    def cmd_report(self, now: float, node_id: str, ok: bool, incarnation: int | None = None) -> bool:
         """A manager's word on an invoke it ran on `node_id`: True for success, False for a system error.
-        Returns whether the node is now suspect."""
+        A report about an earlier incarnation (the node has restarted since) is ignored. Returns whether the
+        node is now suspect."""
         record = self.nodes.get(node_id)
-        if record is None:
+        if record is None or (incarnation is not None and incarnation != record.incarnation):
             return False
-        record.outcomes.append(bool(ok))
+        record.outcomes.append((now, bool(ok)))
         self._damp(record, now)
         return record.suspect
 
@@ -167,6 +174,7 @@ class PlacementState:
         return max(self.last_tick, self.newest_beat)
 
     def _damp(self, record: NodeRecord, now: float) -> None:
+        record.last_seen = max(record.last_seen, now)
         bad = not self.is_alive(record.node_id, now) or record.suspect
         if bad and record.bad_since is None:
             record.bad_since = now

@@ -415,6 +415,7 @@ class ReportOutcome(Message):
 
     node_id: str = text(NAME_MAX)
     ok: bool = flag()
+    incarnation: int | None = integer(0, default=None)  # which run of the node the report is about
 
 
 @message("placement.drain")

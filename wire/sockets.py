@@ -45,7 +45,6 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 # With IMMEDIATE set, a send waits only while no connection to the peer exists; a live peer takes it at once.
 SEND_TIMEOUT_S = 1.0
 DOWN_SEND_TIMEOUT_S = 0.25
-FIRST_SEND_TIMEOUT_S = 3.0  # node to node: a peer busy starting up may take over a second to shake hands
 
 CLUSTER = "cluster"
 TENANT_PREFIX = "tenant:"
@@ -368,12 +367,10 @@ class Client:
         keys: KeyPair,
         server_public: bytes,
         timeout_s: float = 5.0,
-        first_send_timeout_s: float = SEND_TIMEOUT_S,
     ):
         self.ctx = ctx
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self.first_send_timeout_s = first_send_timeout_s
         self.unmatched_replies = 0
         self._pending: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
@@ -395,7 +392,6 @@ class Client:
         sock.connect(endpoint)
         self.sock = sock
         self.up = False  # a CURVE handshake has succeeded and no disconnect came after it
-        self.ever_up = False
         self.down_since: float | None = None
 
     def _start(self) -> None:
@@ -421,14 +417,8 @@ class Client:
         if rid in self._pending:
             raise ServiceException(f"request id {rid} is already in flight on {self.endpoint}")
         self._pending[rid] = fut
-        # A peer seen to drop gets a short wait: it is probably dead, and the caller has elsewhere to go. One never
-        # reached yet gets longer: a node busy starting up can take over a second to finish a CURVE handshake.
-        if self.down_since is not None:
-            send_timeout = min(timeout, DOWN_SEND_TIMEOUT_S)
-        elif not self.up and not self.ever_up:
-            send_timeout = min(timeout, self.first_send_timeout_s)
-        else:
-            send_timeout = min(timeout, SEND_TIMEOUT_S)
+        # a peer seen to drop gets a short wait: it is probably dead, and the caller has elsewhere to go
+        send_timeout = min(timeout, SEND_TIMEOUT_S if self.down_since is None else DOWN_SEND_TIMEOUT_S)
         try:
             try:
                 await asyncio.wait_for(self.sock.send_multipart(codec.encode(header, payload)), send_timeout)
@@ -478,7 +468,7 @@ class Client:
             except zmq.ZMQError:
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up, self.ever_up, self.down_since = True, True, None
+                self.up, self.down_since = True, None
                 continue
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.up = False
@@ -506,21 +496,18 @@ class Client:
 class ClientPool:
     """One Client per endpoint, shared by everything in a process that talks to that endpoint."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, keys: KeyPair, server_public: bytes, timeout_s: float = 5.0,
-                 first_send_timeout_s: float = SEND_TIMEOUT_S):
+    def __init__(self, ctx: zmq.asyncio.Context, keys: KeyPair, server_public: bytes, timeout_s: float = 5.0):
         self.ctx = ctx
         self.keys = keys
         self.server_public = server_public
         self.timeout_s = timeout_s
-        self.first_send_timeout_s = first_send_timeout_s
         self._clients: dict[str, Client] = {}
 
     def get(self, endpoint: str) -> Client:
         client = self._clients.get(endpoint)
         if client is None:
             client = Client(
-                self.ctx, endpoint, keys=self.keys, server_public=self.server_public, timeout_s=self.timeout_s,
-                first_send_timeout_s=self.first_send_timeout_s,
+                self.ctx, endpoint, keys=self.keys, server_public=self.server_public, timeout_s=self.timeout_s
             )
             self._clients[endpoint] = client
         return client

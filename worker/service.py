@@ -19,7 +19,7 @@ from wire.errors import FlintError, ServiceException
 from wire.sockets import Reply, Request, now_ms
 from worker import isolation as iso
 from worker.sandbox import SandboxProcess, SlotPool, Zygote
-from worker.state import CodeCache, SandboxEntry, WorkerState
+from worker.state import IDLE, CodeCache, SandboxEntry, WorkerState
 
 log = structlog.get_logger("worker")
 
@@ -175,7 +175,9 @@ class WorkerService:
             now = time.monotonic()
             for entry in self.state.orphans(live):
                 since = gone_since.setdefault(entry.sandbox_id, now)
-                if now - since >= grace:
+                current = self.state.sandboxes.get(entry.sandbox_id)
+                # checked again here: an earlier discard in this loop yielded, and the sandbox may be busy now
+                if now - since >= grace and current is entry and entry.state == IDLE:
                     gone_since.pop(entry.sandbox_id, None)
                     await self._discard(entry.sandbox_id)
                     log.info("sandbox.orphan_reaped", sandbox_id=entry.sandbox_id, manager=entry.manager)

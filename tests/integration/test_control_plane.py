@@ -183,6 +183,7 @@ def test_async_failures_retry_then_dead_letter_and_can_be_redriven(alice, tmp_pa
     assert wait_event(alice, once.request_id)["deliveries"] == 1
 
     alice.update_function_code("flaky", code=code_dir(tmp_path, "fixed", VERSIONED % "fixed"))
+    time.sleep(2.5)  # every frontend's poller picks up the new code within function_cache_ttl_s (2 s)
     assert alice.redrive_events([event.request_id, once.request_id]) == 2
     assert wait_event(alice, event.request_id)["state"] == "done"
     assert wait_event(alice, once.request_id)["state"] == "done"

@@ -68,6 +68,19 @@ def test_three_system_errors_in_the_last_ten_make_a_host_suspect_and_it_recovers
     assert not s.can_lease("n1", 18.9) and s.can_lease("n1", 19.0)  # a relapse doubles the hold-down
 
 
+def test_reported_errors_age_out_and_reports_about_an_earlier_run_are_ignored():
+    s = region(2)
+    for _ in range(3):
+        s.cmd_report(1.0, "n1", False)
+    assert s.nodes["n1"].suspect
+    beat(s, 31.5)  # 30 s later, with nothing run on it, the errors no longer count
+    assert not s.nodes["n1"].suspect
+    incarnation = s.cmd_register(40.0, node(1))  # restarted
+    for _ in range(3):
+        s.cmd_report(40.5, "n1", False, incarnation=incarnation - 1)  # late news about the old run
+    assert not s.nodes["n1"].suspect and s.is_healthy("n1", 40.5)
+
+
 def test_drained_hosts_get_no_leases():
     s = region(2, azs=1)
     s.cmd_drain(0, "n1")
