@@ -11,7 +11,7 @@ from nodes.config import NodeConfig
 from wire.keys import KeyPair
 from wire.raft import RaftGroup
 from wire.schema import Message
-from wire.errors import PeerUnavailable
+from wire.errors import PeerUnavailable, ResourceNotFoundException
 from wire.sockets import CLUSTER, Authenticator, ClientPool, Failover, Handler, Reply, Server
 
 
@@ -63,6 +63,30 @@ class Runtime:
                 except PeerUnavailable:
                     pass
             return await handler(req)
+
+        return wrapped
+
+    def leader_on_miss(self, group: str, service: str, handler: Handler) -> Handler:
+        """Wrap a read served from this replica: if it finds nothing (ResourceNotFoundException) on a follower,
+        ask the leader before saying so. A thing created a moment ago through another node is committed at the
+        leader but may not be applied here yet; the caller who just created it must still see it."""
+
+        async def wrapped(req: Any) -> Any:
+            try:
+                return await handler(req)
+            except ResourceNotFoundException as missing:
+                raft = self.groups.get(group)
+                leader = raft.leader_host() if raft is not None else None  # None on the leader itself
+                if leader is None:
+                    raise
+                try:
+                    resp = await self.pool.call(
+                        self.config.endpoint(service, leader), req.msg, req.payload, request_id=req.id,
+                        timeout_s=max(0.05, min(req.remaining_s(2.0), 2.0)),
+                    )
+                except PeerUnavailable:
+                    raise missing from None
+                return Reply(resp.fields, resp.payload)
 
         return wrapped
 

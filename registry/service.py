@@ -32,7 +32,7 @@ class RegistryService:
             "registry",
             {
                 m.RegistryCreateFunction: self.rt.at_leader("control", "registry", self.create_function),
-                m.RegistryGetFunction: self.get_function,
+                m.RegistryGetFunction: self.rt.leader_on_miss("control", "registry", self.get_function),
                 m.RegistryListFunctions: self.list_functions,
                 m.RegistryDeleteFunction: self.rt.at_leader("control", "registry", self.delete_function),
                 m.PutBlob: self.put_blob,
@@ -40,7 +40,7 @@ class RegistryService:
                 m.CreateTenant: self.rt.at_leader("control", "registry", self.create_tenant),
                 m.ListTenants: self.list_tenants,
                 m.RegistryUpdate: self.rt.at_leader("control", "registry", self.update),
-                m.RegistryDescribe: self.describe,
+                m.RegistryDescribe: self.rt.leader_on_miss("control", "registry", self.describe),
                 m.RegistryPrincipals: self.principals,
                 m.RegistryEvents: self.events,
             },
