@@ -761,6 +761,10 @@ def cmd_placement_status(args: argparse.Namespace) -> int:
         print(f"{n['node_id']:<6} {n['az']:<5} {health:<10} {'yes' if n['leasable'] else 'no':<8} "
               f"{n['leased_mb']:>6}/{n['capacity_mb']:<7} {n['sandboxes']:>9}  {note}")
     print(f"\n{len(leases)} lease(s); {nodes['free_capacity_mb']} MB free to lease at once")
+    short = nodes.get("headroom", {}).get("short_azs")
+    if short:
+        print(f"short of capacity in {', '.join(short)}: no worker there has {nodes['headroom']['reserve_mb']} MB "
+              "free; managers return empty leases there at once. Add worker hosts to those AZs.")
     return 0
 
 

@@ -202,18 +202,22 @@ class ManagerService:
         stale = [n for n, since in self._unhealthy_since.items() if now - since > FORGET_UNHEALTHY_AFTER_S]
         if stale:
             self.state.drop_nodes(stale)
-        await self._sync_leases()
+        short_azs = await self._sync_leases()
         for record in self.state.reap_idle(self.rt.now()):
             self._spawn(self._destroy(record))
-        for lease in self.state.leases_to_return(self.rt.now()):
-            self._spawn(self._return(lease))
+        for lease in self.state.leases_to_return(self.rt.now(), short_azs):
+            why = "closing" if lease.closing(self.rt.now(), self.state.drain_margin_s) else (
+                "az_short_of_capacity" if lease.az in short_azs else "idle")
+            self._spawn(self._return(lease, why))
 
-    async def _sync_leases(self) -> None:
-        """Placement revokes leases on hosts that went bad; what it no longer lists is gone here too."""
+    async def _sync_leases(self) -> list[str]:
+        """Placement revokes leases on hosts that went bad; what it no longer lists is gone here too. Returns
+        the AZs placement says are short of free capacity."""
         try:
-            held = {lease["lease_id"]: lease for lease in await self.placement.list_leases(self.endpoint)}
+            leases, headroom = await self.placement.list_leases(self.endpoint)
         except FlintError:
-            return  # keep routing on what we know
+            return []  # keep routing on what we know
+        held = {lease["lease_id"]: lease for lease in leases}
         for lease_id in [i for i in self.state.leases if i not in held]:
             gone = self.state.drop_lease(lease_id)
             for record in gone:
@@ -222,11 +226,12 @@ class ManagerService:
         for lease_id, lease in held.items():
             if lease_id not in self.state.leases:
                 self._adopt_lease(lease, lease["node"])
+        return list(headroom.get("short_azs", ()))
 
-    async def _return(self, lease: LeaseRecord) -> None:
+    async def _return(self, lease: LeaseRecord, why: str = "idle") -> None:
         try:
             await self.placement.return_lease(lease.lease_id)
-            log.info("lease.returned", lease_id=lease.lease_id, target_node=lease.node_id)
+            log.info("lease.returned", lease_id=lease.lease_id, target_node=lease.node_id, why=why)
         except FlintError:
             pass  # it expires on its own
 

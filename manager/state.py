@@ -13,6 +13,7 @@ from typing import Any
 DEFAULT_KEEP_ALIVE_S = 600.0
 DRAIN_MARGIN_S = 60.0  # no new sandbox on a lease this close to its expiry: it drains, then goes back
 IDLE_LEASE_RETURN_S = 300.0  # an empty lease nobody placed on for this long goes back to placement
+SHORT_IDLE_LEASE_RETURN_S = 5.0  # ... or for this long, where placement says its AZ is short of free capacity
 
 IDLE, BUSY = "idle", "busy"
 
@@ -186,12 +187,15 @@ class ManagerState:
         for lease in self.leases.values():
             lease.draining = lease.node_id in node_ids
 
-    def leases_to_return(self, now: float) -> list[LeaseRecord]:
-        """Empty leases that are draining toward expiry, or that nothing was placed on for a while."""
+    def leases_to_return(self, now: float, short_azs: Iterable[str] = ()) -> list[LeaseRecord]:
+        """Empty leases that are draining toward expiry, or that nothing was placed on for a while: 5 minutes,
+        or 5 s in an AZ where placement is short of free capacity."""
+        short = set(short_azs)
         out = [
             lease for lease in self.leases.values()
             if lease.used_mb == 0
-            and (lease.closing(now, self.drain_margin_s) or now - lease.last_placed >= IDLE_LEASE_RETURN_S)
+            and (lease.closing(now, self.drain_margin_s)
+                 or now - lease.last_placed >= (SHORT_IDLE_LEASE_RETURN_S if lease.az in short else IDLE_LEASE_RETURN_S))
         ]
         for lease in out:
             del self.leases[lease.lease_id]

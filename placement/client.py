@@ -42,9 +42,10 @@ class PlacementClient:
     async def return_lease(self, lease_id: str) -> None:
         await self.fo.call(m.ReturnLease(lease_id=lease_id), timeout_s=3.0)
 
-    async def list_leases(self, manager: str | None = None) -> list[dict[str, Any]]:
+    async def list_leases(self, manager: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The live leases (of one manager, or all) and the region's headroom (PlacementState.headroom)."""
         resp = await self.fo.call(m.ListLeases(manager=manager), timeout_s=2.0)
-        return resp.fields["leases"]
+        return resp.fields["leases"], resp.fields.get("headroom", {})
 
     async def report(self, node_id: str, ok: bool, incarnation: int | None = None) -> None:
         await self.fo.call(m.ReportOutcome(node_id=node_id, ok=ok, incarnation=incarnation), timeout_s=2.0)

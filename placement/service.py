@@ -48,13 +48,24 @@ class PlacementService:
         """The leader commits a tick each heartbeat interval, so health can tell 'the node went quiet' from
         'placement itself could not commit', and damped recoveries end on time."""
         interval = self.rt.config.settings.heartbeat_interval_s
+        short: list[str] = []
         while True:
             await asyncio.sleep(interval)
             if self.group.is_leader:
                 try:
                     await self.group.submit("tick", {}, request_id=new_request_id(), timeout_s=interval)
                 except FlintError:
-                    pass
+                    continue
+                with self.group.machine.read() as state:
+                    headroom = state.headroom(self.rt.now(), self.rt.config.settings.lease_block_mb)
+                if headroom["short_azs"] != short:
+                    short = headroom["short_azs"]
+                    if short:
+                        log.warning("placement.short_of_capacity", azs=short, free_mb=headroom["free_mb"],
+                                    hint="managers now return empty leases there at once; add worker hosts "
+                                         "or lower keep-alive if this lasts")
+                    else:
+                        log.info("placement.capacity_restored", free_mb=headroom["free_mb"])
 
     async def register(self, req: Request) -> dict:
         node = req.msg.node
@@ -73,6 +84,7 @@ class PlacementService:
         now = self.rt.now()
         with self.group.machine.read() as state:
             return {"nodes": state.view(now), "free_capacity_mb": state.free_capacity_mb(now),
+                    "headroom": state.headroom(now, self.rt.config.settings.lease_block_mb),
                     "raft": self.group.status()}
 
     async def lease_worker(self, req: Request) -> dict:
@@ -89,8 +101,10 @@ class PlacementService:
         return {"returned": await self._commit(req, "return_lease", {"lease_id": req.msg.lease_id})}
 
     async def list_leases(self, req: Request) -> dict:
+        now = self.rt.now()
         with self.group.machine.read() as state:
-            return {"leases": state.leases_of(req.msg.manager, self.rt.now())}
+            return {"leases": state.leases_of(req.msg.manager, now),
+                    "headroom": state.headroom(now, self.rt.config.settings.lease_block_mb)}
 
     async def report(self, req: Request) -> dict:
         suspect = await self._commit(req, "report", {"node_id": req.msg.node_id, "ok": req.msg.ok,

@@ -291,6 +291,23 @@ class PlacementState:
             for r in self.nodes.values() if self.can_lease(r.node_id, now)
         )
 
+    def headroom(self, now: float, reserve_mb: int = DEFAULT_BLOCK_MB) -> dict[str, Any]:
+        """Whether a lease request can still be answered at once in every AZ that has workers: each needs one
+        host with `reserve_mb` unleased. The AZs that cannot are `short`; managers then hand back their empty
+        leases there at once instead of after IDLE_LEASE_RETURN_S, so capacity sitting unused under one
+        manager is there for the next one that needs it."""
+        best: dict[str, int] = {}
+        for r in self.nodes.values():
+            if "worker" not in r.info.get("roles", ()) or r.draining:
+                continue
+            free = max(0, r.capacity_mb - self.leased_mb.get(r.node_id, 0)) if self.can_lease(r.node_id, now) else 0
+            best[r.az] = max(best.get(r.az, 0), free)
+        return {
+            "free_mb": self.free_capacity_mb(now),
+            "reserve_mb": reserve_mb,
+            "short_azs": sorted(az for az, free in best.items() if free < reserve_mb),
+        }
+
     # --- views ---------------------------------------------------------------------------------------------------
 
     def _node_view(self, node_id: str, now: float) -> dict[str, Any]:

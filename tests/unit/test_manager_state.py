@@ -67,6 +67,17 @@ def test_a_lease_near_expiry_drains_and_goes_back_empty():
     assert [lease.lease_id for lease in s.leases_to_return(41.0)] == ["L1"]
 
 
+def test_empty_leases_go_back_after_five_minutes_or_at_once_where_placement_is_short():
+    s = ManagerState()
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add_lease(lease("L2", "n2", "az2"), 0)
+    s.add_lease(lease("L3", "n3", "az3"), 0)
+    s.add(sandbox("a", node="n3", az="az3", lease_id="L3"), 0)
+    assert s.leases_to_return(10.0) == []  # empty, but only for 10 s and nobody else needs the room
+    assert [x.lease_id for x in s.leases_to_return(10.0, short_azs=["az2", "az3"])] == ["L2"]  # L3 is in use
+    assert [x.lease_id for x in s.leases_to_return(300.0)] == ["L1"]
+
+
 def test_a_drained_host_takes_nothing_new_and_its_idle_sandboxes_and_lease_go():
     s = ManagerState()
     s.add_lease(lease("L1", "n1", "az1"), 0)

@@ -81,6 +81,21 @@ def test_reported_errors_age_out_and_reports_about_an_earlier_run_are_ignored():
     assert not s.nodes["n1"].suspect and s.is_healthy("n1", 40.5)
 
 
+def test_an_az_is_short_when_no_healthy_host_there_could_take_one_more_lease():
+    s = region(4, azs=2)  # n1, n3 in az1; n2, n4 in az2; 8192 MB each
+    beat(s, 1.0)
+    assert s.headroom(1.0)["short_azs"] == []
+    for i in range(4):  # fill az1's two hosts
+        s.cmd_lease_worker(1.0, f"L{i}", "m1", 4096, prefer_azs=["az1"])
+    assert s.headroom(1.0)["short_azs"] == ["az1"] and s.headroom(1.0)["free_mb"] == 16384
+    beat(s, 2.0, skip={"n2"})
+    beat(s, 3.0, skip={"n2"})  # n2 goes quiet: n4 alone still has room in az2
+    assert not s.is_alive("n2", 3.0)
+    assert s.headroom(3.0)["short_azs"] == ["az1"]
+    s.cmd_return_lease(3.0, "L0")
+    assert s.headroom(3.0)["short_azs"] == []
+
+
 def test_drained_hosts_get_no_leases():
     s = region(2, azs=1)
     s.cmd_drain(0, "n1")
