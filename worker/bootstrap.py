@@ -190,10 +190,8 @@ def serve(channel: Channel, handler_spec: str) -> None:
         began = time.perf_counter()
         reply = invoke(handler, msg)
         duration_ms = (time.perf_counter() - began) * 1000
-        print(f"END RequestId: {request_id}")
-        print(f"REPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms")
-        sys.stdout.flush()
         sys.stderr.flush()
+        print(f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms")
         if msg.get("log_tail"):
             reply["log"] = log_tail(start)
         channel.write(reply)

@@ -220,8 +220,12 @@ class SandboxCgroup:
             _write(self.dirs[0] / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in Path(self.procs_files[0]).read_text().split()]
+        try:  # os-level: this runs after every warm invoke
+            fd = os.open(self.procs_files[0], os.O_RDONLY)
+            try:
+                return [int(p) for p in os.read(fd, 1 << 16).split()]
+            finally:
+                os.close(fd)
         except (OSError, ValueError, IndexError):
             return []
 

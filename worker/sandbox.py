@@ -317,13 +317,14 @@ class SandboxProcess:
             self.kill()
             return self._failure(dict(self.init_error), log_tail)
         try:
-            if self.config.runtime == "provided":
-                reply = await asyncio.wait_for(self._custom(request_id, deadline_ms, payload), timeout_s)
-            else:
-                self._write({"t": "invoke", "id": request_id, "deadline_ms": deadline_ms, "payload": payload,
-                             "log_tail": log_tail})
-                reply = await asyncio.wait_for(self._read(), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):  # no extra task per invoke, unlike wait_for
+                if self.config.runtime == "provided":
+                    reply = await self._custom(request_id, deadline_ms, payload)
+                else:
+                    self._write({"t": "invoke", "id": request_id, "deadline_ms": deadline_ms, "payload": payload,
+                                 "log_tail": log_tail})
+                    reply = await self._read()
+        except TimeoutError:
             self.kill()
             return self._failure({
                 "errorType": "Sandbox.Timedout",
