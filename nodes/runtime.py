@@ -11,7 +11,7 @@ from nodes.config import NodeConfig
 from wire.keys import KeyPair
 from wire.raft import RaftGroup
 from wire.schema import Message
-from wire.errors import PeerUnavailable, ResourceNotFoundException
+from wire.errors import PeerUnavailable
 from wire.sockets import CLUSTER, Authenticator, ClientPool, Failover, Handler, Reply, Server
 
 
@@ -44,11 +44,12 @@ class Runtime:
         return failover
 
     def at_leader(self, group: str, service: str, handler: Handler) -> Handler:
-        """Wrap a handler that commits to `group`: on a follower that knows the leader, the whole request goes
-        to the leader's `service` (one ZeroMQ hop) and its reply comes back verbatim, rather than the command
-        crossing pysyncobj's forwarding and waiting for the commit index to reach this replica. The request id
-        is kept, so a retry anywhere is applied at most once. If the leader cannot be reached that way, the
-        handler runs here and pysyncobj forwards the command."""
+        """Wrap a handler that commits to `group`, or reads what must be up to date: on a follower that knows
+        the leader, the whole request goes to the leader's `service` (one ZeroMQ hop) and its reply comes back
+        verbatim, rather than a command crossing pysyncobj's forwarding and waiting for the commit index to reach
+        this replica, or a read missing a commit the caller was already told of. The request id is kept, so a
+        retry anywhere is applied at most once. If the leader cannot be reached that way, the handler runs here
+        (pysyncobj forwards a command; a read sees this replica)."""
 
         async def wrapped(req: Any) -> Any:
             raft = self.groups.get(group)
@@ -63,30 +64,6 @@ class Runtime:
                 except PeerUnavailable:
                     pass
             return await handler(req)
-
-        return wrapped
-
-    def leader_on_miss(self, group: str, service: str, handler: Handler) -> Handler:
-        """Wrap a read served from this replica: if it finds nothing (ResourceNotFoundException) on a follower,
-        ask the leader before saying so. A thing created a moment ago through another node is committed at the
-        leader but may not be applied here yet; the caller who just created it must still see it."""
-
-        async def wrapped(req: Any) -> Any:
-            try:
-                return await handler(req)
-            except ResourceNotFoundException as missing:
-                raft = self.groups.get(group)
-                leader = raft.leader_host() if raft is not None else None  # None on the leader itself
-                if leader is None:
-                    raise
-                try:
-                    resp = await self.pool.call(
-                        self.config.endpoint(service, leader), req.msg, req.payload, request_id=req.id,
-                        timeout_s=max(0.05, min(req.remaining_s(2.0), 2.0)),
-                    )
-                except PeerUnavailable:
-                    raise missing from None
-                return Reply(resp.fields, resp.payload)
 
         return wrapped
 

@@ -28,20 +28,24 @@ class RegistryService:
         self._batch: list = []
 
     async def run(self) -> None:
+        # Writes commit at the leader. Reads a tenant or operator makes are served there too, so whoever just
+        # changed something sees the change, whichever node they ask next (a follower applies a commit a moment
+        # after the leader acknowledged it). Only when the leader cannot be reached does this replica answer.
+        at_leader = lambda handler: self.rt.at_leader("control", "registry", handler)  # noqa: E731
         server = self.rt.server(
             "registry",
             {
-                m.RegistryCreateFunction: self.rt.at_leader("control", "registry", self.create_function),
-                m.RegistryGetFunction: self.rt.leader_on_miss("control", "registry", self.get_function),
-                m.RegistryListFunctions: self.list_functions,
-                m.RegistryDeleteFunction: self.rt.at_leader("control", "registry", self.delete_function),
+                m.RegistryCreateFunction: at_leader(self.create_function),
+                m.RegistryGetFunction: at_leader(self.get_function),
+                m.RegistryListFunctions: at_leader(self.list_functions),
+                m.RegistryDeleteFunction: at_leader(self.delete_function),
                 m.PutBlob: self.put_blob,
                 m.GetBlob: self.get_blob,
-                m.CreateTenant: self.rt.at_leader("control", "registry", self.create_tenant),
-                m.ListTenants: self.list_tenants,
-                m.RegistryUpdate: self.rt.at_leader("control", "registry", self.update),
-                m.RegistryDescribe: self.rt.leader_on_miss("control", "registry", self.describe),
-                m.RegistryPrincipals: self.principals,
+                m.CreateTenant: at_leader(self.create_tenant),
+                m.ListTenants: at_leader(self.list_tenants),
+                m.RegistryUpdate: at_leader(self.update),
+                m.RegistryDescribe: at_leader(self.describe),
+                m.RegistryPrincipals: self.principals,  # ZAP's key map: polled every second, a local read will do
                 m.RegistryEvents: self.events,
             },
         )
@@ -109,10 +113,19 @@ class RegistryService:
             return {"principals": state.principals()}
 
     async def events(self, req: Request) -> dict:
-        """The async queue. Writes commit (at the leader: the wrapper below forwards); reads use this replica."""
+        """The async queue. Writes commit at the leader, and a tenant's reads (get, list) are answered there so
+        an event shows its latest state at once; the pollers' scans (visible, counts) use this replica."""
         op, args = req.msg.action, dict(req.msg.args)
         if op in ("put", "take", "settle", "redrive"):
             return await self._events_write(req, op, args)
+        leader = self.group.leader_host()
+        if op in ("get", "list") and leader is not None:
+            try:
+                resp = await self.rt.pool.call(self.rt.config.endpoint("registry", leader), req.msg,
+                                               request_id=req.id, timeout_s=max(0.05, min(req.remaining_s(2), 2.0)))
+                return resp.fields
+            except PeerUnavailable:
+                pass  # answer from this replica
         now = self.rt.now()
         with self.group.machine.read() as state:
             queue = state.events
@@ -123,14 +136,7 @@ class RegistryService:
                         "counts": queue.counts(args["tenant"])}
             if op == "counts":
                 return {"counts": queue.counts(args.get("tenant"))}
-            event = queue.get(args["tenant"], args["event_id"])
-        leader = self.group.leader_host()
-        if event is None and leader is not None:
-            # just accepted at the leader, not yet applied here: read your own write there
-            resp = await self.rt.pool.call(self.rt.config.endpoint("registry", leader), req.msg,
-                                           request_id=req.id, timeout_s=max(0.05, min(req.remaining_s(2), 2.0)))
-            return resp.fields
-        return {"event": event}
+            return {"event": queue.get(args["tenant"], args["event_id"])}
 
     async def _events_write(self, req: Request, op: str, args: dict) -> dict:
         group = self.group
