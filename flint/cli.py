@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout-s", type=float, default=90.0, help="how long to wait for health (default 90)")
     up.add_argument("--layout", choices=["combined", "dedicated"], default="combined",
                     help="combined: control nodes also run functions; dedicated: they only run control")
+    up.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a node setting for every node, as in node.toml's [settings] (repeatable), e.g. "
+                         "--set worker_memory_mb=4096 --set lease_block_mb=1024")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", help="nodes, AZs, roles, health, Raft roles (L=leader, F=follower)")
     st.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
@@ -304,6 +307,25 @@ def cmd_node(args: argparse.Namespace) -> int:
 # --- cluster -------------------------------------------------------------------------------------------------------
 
 
+def _settings(pairs: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs as node settings, each VALUE read as TOML and checked as node.toml's would be."""
+    import tomllib
+
+    from nodes.config import ConfigError, Settings, _sub
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set keep_alive_s=60")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"--set {pair!r}: {value!r} is not a number or true/false") from None
+    _sub(Settings, out, "--set")
+    return out
+
+
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from nodes.local import Region
 
@@ -315,7 +337,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         else:
             print(f"restarting the stopped region at {region.root} (its data is kept)")
     else:
-        settings = {"keep_alive_s": args.keep_alive_s} if args.keep_alive_s else None
+        settings = _settings(args.settings)
+        if args.keep_alive_s:
+            settings["keep_alive_s"] = args.keep_alive_s
         region = Region.create(args.dir, nodes=args.nodes, azs=args.azs, base_ip=args.base_ip, settings=settings,
                                layout=args.layout)
         print(f"created a region of {args.nodes} nodes in {args.azs} AZs at {region.root}")
@@ -764,7 +788,7 @@ def cmd_placement_status(args: argparse.Namespace) -> int:
     short = nodes.get("headroom", {}).get("short_azs")
     if short:
         print(f"short of capacity in {', '.join(short)}: no worker there has {nodes['headroom']['reserve_mb']} MB "
-              "free; managers return empty leases there at once. Add worker hosts to those AZs.")
+              "free; managers hand back empty leases there within seconds. Add worker hosts to those AZs.")
     return 0
 
 

@@ -39,3 +39,16 @@ def test_missing_file_and_bad_toml(tmp_path):
     (tmp_path / "bad.toml").write_text("node_id = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         NodeConfig.load(tmp_path / "bad.toml")
+
+
+def test_cluster_up_set_takes_node_settings_and_refuses_what_node_toml_would():
+    from flint.cli import _settings
+
+    assert _settings(["worker_memory_mb=4096", "keep_alive_s = 1.5", "record_executions=true"]) == {
+        "worker_memory_mb": 4096, "keep_alive_s": 1.5, "record_executions": True}
+    with pytest.raises(ConfigError, match="unknown key 'keep_alive'; known keys are"):
+        _settings(["keep_alive=5"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        _settings(["keep_alive_s"])
+    with pytest.raises(ConfigError, match="'soon' is not a number"):
+        _settings(["keep_alive_s=soon"])
