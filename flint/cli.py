@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="RequestResponse (default): wait for the result; Event: queue it, 202 at once; "
                           "DryRun: check it could run")
     inv.add_argument("--log-tail", action="store_true", help="print the last 4 KB of the function's log to stderr")
+    inv.add_argument("--read-timeout-s", type=float, default=915.0,
+                     help="how long to wait for the result (default 915: a function may run up to 900 s). A sync "
+                          "invoke that may have started is never retried, so it runs at most once")
     inv.add_argument("--region", type=Path, default=None, help=region_help)
     inv.add_argument("--key", type=Path, default=None, help="a tenant's .key_secret (default: the region's)")
     inv.set_defaults(func=cmd_invoke)
@@ -824,7 +827,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     name, _, qualifier = args.name.partition(":")
     with _client(args) as client:
         result = client.invoke(
-            name, payload, qualifier=qualifier or None, invocation_type=args.invocation_type, log_tail=args.log_tail
+            name, payload, qualifier=qualifier or None, invocation_type=args.invocation_type, log_tail=args.log_tail,
+            timeout_s=args.read_timeout_s,
         )
     status = f"StatusCode: {result.status_code}  RequestId: {result.request_id}"
     if result.executed_version:

@@ -27,7 +27,7 @@ import uvloop
 from frontend.client import FrontendClient
 from registry.package import zip_directory
 from wire import messages as m
-from wire.errors import FlintError
+from wire.errors import FlintError, PeerUnavailable, TooManyRequestsException
 from wire.keys import KeyPair
 from wire.sockets import new_request_id
 
@@ -85,6 +85,22 @@ def _key_file(cfg: ClientConfig, key_file: Path | str | None, operator: bool) ->
     return cfg.key_file
 
 
+# Why a sync invoke failed when it certainly did not run: retrying it cannot run the function twice.
+NOT_STARTED_REASONS = frozenset({
+    "NotSent",  # the request never left this client
+    "NoRoute", "NoManager", "NoHealthyWorker", "NoCapacity", "WorkerUnreachable", "WorkerFull", "AdmissionExpired",
+})
+
+
+def _safe_to_retry(msg: m.Message, err: FlintError) -> bool:
+    """Every retryable error is retried, except where a RequestResponse invoke may already have run (a host lost
+    mid-invoke, no answer in time): a retry would run the function again, so the caller decides. An Event is
+    safe (its request id makes a second accept the same event), and so is a throttle (nothing ran)."""
+    if not isinstance(msg, m.Invoke) or msg.invocation_type != "RequestResponse":
+        return True
+    return isinstance(err, TooManyRequestsException) or err.reason in NOT_STARTED_REASONS
+
+
 class AsyncClient:
     def __init__(
         self,
@@ -112,7 +128,7 @@ class AsyncClient:
             try:
                 return await self.frontend.call(msg, payload, timeout_s=timeout_s, request_id=request_id)
             except FlintError as err:
-                if not err.retryable or attempt >= self.retries:
+                if not err.retryable or attempt >= self.retries or not _safe_to_retry(msg, err):
                     raise
                 attempt += 1
                 await asyncio.sleep(random.uniform(0, 0.1 * 2**attempt))
@@ -128,11 +144,19 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> InvokeResult:
         body = payload if isinstance(payload, (bytes, bytearray)) or payload is None else json.dumps(payload).encode()
-        resp = await self._call(
-            m.Invoke(function=function, qualifier=qualifier, invocation_type=invocation_type, log_tail=log_tail),
-            bytes(body) if body is not None else None,
-            timeout_s=timeout_s,
-        )
+        try:
+            resp = await self._call(
+                m.Invoke(function=function, qualifier=qualifier, invocation_type=invocation_type, log_tail=log_tail),
+                bytes(body) if body is not None else None,
+                timeout_s=timeout_s,
+            )
+        except PeerUnavailable as err:
+            if err.reason != "Timeout" or invocation_type != "RequestResponse":
+                raise
+            raise PeerUnavailable(
+                f"{err.message}. The function may still be running (it is not retried, so it runs at most once "
+                "from this call); if its timeout is longer than this client's, wait longer: timeout_s= here, "
+                "--read-timeout-s with flint invoke.", reason="Timeout") from None
         f = resp.fields
         return InvokeResult(
             status_code=f.get("status_code", 200),

@@ -455,13 +455,17 @@ class FrontendService:
                     avoid.append(res["node_id"])
                     log.warning("invoke.retrying_elsewhere", failed_node=res["node_id"], error=str(err))
                     continue
+                if err.reason == "NotSent":  # the second host could not be reached either: nothing ran
+                    raise ServiceException(
+                        f"the hosts chosen for this invoke could not be reached (the last: {res['node_id']}); "
+                        "the function did not run. Retry shortly.", reason="WorkerUnreachable") from None
                 lost = ServiceException(
                     f"the host running this invoke ({res['node_id']}) failed: {err.message}. The function may "
                     "have run; retry if it is safe to run it again.",
                     reason="WorkerLost",
                     retryable=True,
                 )
-                lost.may_still_run = err.reason != "NotSent"  # it may be running on a host we cannot hear
+                lost.may_still_run = True  # it may be running on a host we cannot hear
                 raise lost from None
             except (ResourceNotFoundException, ResourceConflictException) as err:
                 # the worker no longer has that sandbox (reaped, crashed) or it is busy: nothing ran; go again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 from collections import defaultdict
 
@@ -95,7 +96,7 @@ def test_bad_input_gets_named_errors_and_the_region_keeps_serving(client, hello)
     assert client.invoke(hello, {"name": "still here"}).json()["message"] == "Hello, still here!"
 
 
-def test_a_failing_handler_is_a_function_error_not_an_outage(client, tmp_path):
+def test_a_failing_handler_is_a_function_error_not_an_outage(client, hello, tmp_path):
     code = tmp_path / "failing"
     code.mkdir()
     (code / "handler.py").write_text(FAILING)
@@ -105,6 +106,25 @@ def test_a_failing_handler_is_a_function_error_not_an_outage(client, tmp_path):
     assert result.json()["errorType"] == "RuntimeError"
     assert "the handler failed on purpose" in result.log_tail
     assert client.invoke("hello", {"name": "x"}).function_error is None
+
+
+SLOW = 'import time\n\ndef handle(event, context):\n    time.sleep(2)\n    return "done"\n'
+
+
+def test_a_sync_invoke_that_may_have_started_is_not_sent_again_by_the_client(region, client, tmp_path):
+    code = tmp_path / "slow"
+    code.mkdir()
+    (code / "handler.py").write_text(SLOW)
+    client.create_function("slow", code=code, handler="handler.handle", timeout_s=5)
+    before = sum(r["sandboxes"] for r in region.status())
+    cfg = ClientConfig.load(region.root)
+    with Client(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(cfg.key_file), retries=2) as c:
+        with pytest.raises(PeerUnavailable, match="may still be running") as timed_out:
+            c.invoke("slow", {}, timeout_s=0.5)
+    assert timed_out.value.reason == "Timeout"
+    time.sleep(1.0)  # a retry, had there been one, would be running in a sandbox of its own by now
+    assert sum(r["sandboxes"] for r in region.status()) == before + 1  # it ran once: one sandbox
+    assert client.invoke("slow", {}).json() == "done"
 
 
 def test_an_unknown_key_cannot_get_in(region):
