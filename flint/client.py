@@ -85,20 +85,22 @@ def _key_file(cfg: ClientConfig, key_file: Path | str | None, operator: bool) ->
     return cfg.key_file
 
 
-# Why a sync invoke failed when it certainly did not run: retrying it cannot run the function twice.
-NOT_STARTED_REASONS = frozenset({
-    "NotSent",  # the request never left this client
+# Why a sync invoke failed when a retry cannot run the function twice: it certainly did not start, or its
+# frontend was lost (the retry keeps the request id, and the function's manager starts a request id once only:
+# if the lost frontend had started it, the retry gets ServiceException AlreadyStarted instead).
+SAFE_RETRY_REASONS = frozenset({
+    "NotSent", "ConnectionLost",
     "NoRoute", "NoManager", "NoHealthyWorker", "NoCapacity", "WorkerUnreachable", "WorkerFull", "AdmissionExpired",
 })
 
 
 def _safe_to_retry(msg: m.Message, err: FlintError) -> bool:
-    """Every retryable error is retried, except where a RequestResponse invoke may already have run (a host lost
-    mid-invoke, no answer in time): a retry would run the function again, so the caller decides. An Event is
-    safe (its request id makes a second accept the same event), and so is a throttle (nothing ran)."""
+    """Every retryable error is retried, except where a RequestResponse invoke may be running or have run (its
+    host lost mid-invoke, no answer in time): the caller decides. An Event is safe (its request id makes a second
+    accept the same event), and so is a throttle (nothing ran)."""
     if not isinstance(msg, m.Invoke) or msg.invocation_type != "RequestResponse":
         return True
-    return isinstance(err, TooManyRequestsException) or err.reason in NOT_STARTED_REASONS
+    return isinstance(err, TooManyRequestsException) or err.reason in SAFE_RETRY_REASONS
 
 
 class AsyncClient:

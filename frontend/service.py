@@ -66,7 +66,7 @@ class FrontendService:
         self.cache = FunctionCache(rt.config.settings.function_cache_ttl_s)
         self.poller = Poller(self, holder)
         self._principals: dict[str, str] = {}
-        self._principals_at = 0.0
+        self._principals_at = float("-inf")  # when the fetch of the map we hold began (monotonic)
         self._principals_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
         self._manager_down: dict[str, float] = {}  # manager endpoint -> skip it until (monotonic)
@@ -125,23 +125,31 @@ class FrontendService:
     # --- who is calling ------------------------------------------------------------------------------------------
 
     async def principal_for_key(self, public_key: bytes) -> str | None:
-        key = public_key.decode()
-        if key not in self._principals:
-            await self._refresh_principals(max_age_s=0.2)  # a key made a moment ago
-        return self._principals.get(key)
+        """ZAP: whose key opens this connection. Decided on a key map fetched (at the control leader) after the
+        connection asked, so a key revoked or added through any frontend counts here at once; connections
+        opening together share one fetch."""
+        asked = time.monotonic()
+        try:
+            await self._refresh_principals(newer_than=asked)
+        except FlintError:
+            pass  # the registry is unreachable: decide on what we knew (static stability)
+        return self._principals.get(public_key.decode())
 
-    async def _refresh_principals(self, max_age_s: float = PRINCIPALS_TTL_S) -> None:
-        if time.monotonic() - self._principals_at <= max_age_s:
+    async def _refresh_principals(self, newer_than: float) -> None:
+        """Make sure the key map was fetched no earlier than `newer_than` (monotonic)."""
+        if self._principals_at >= newer_than:
             return
         async with self._principals_lock:
-            if time.monotonic() - self._principals_at > max_age_s:
-                self._principals = await self.registry.principals()
-                self._principals_at = time.monotonic()
+            if self._principals_at >= newer_than:
+                return  # a fetch that began after we asked finished while we waited
+            started = time.monotonic()
+            self._principals = await self.registry.principals()
+            self._principals_at = started
 
     async def _still_valid(self, req: Request) -> None:
         """The key that opened this connection must still be active: revocation reaches open connections."""
         try:
-            await self._refresh_principals()
+            await self._refresh_principals(newer_than=time.monotonic() - PRINCIPALS_TTL_S)
         except FlintError:
             return  # the registry is unreachable: keep serving on what we knew (static stability)
         expected = req.principal.split("|", 1)[0]
@@ -295,20 +303,20 @@ class FrontendService:
 
     async def tenant_create(self, req: Request) -> dict:
         tenant = await self.registry.create_tenant(req.msg.tenant, [req.msg.public_key])
-        self._principals_at = 0.0
+        self._principals_at = float("-inf")
         log.info("tenant.created", new_tenant=req.msg.tenant)
         return {"tenant": tenant}
 
     async def tenant_add_key(self, req: Request) -> dict:
         tenant = await self.registry.update("add_key", tenant=req.msg.tenant, public_key=req.msg.public_key,
                                             request_id=req.id)
-        self._principals_at = 0.0
+        self._principals_at = float("-inf")
         return {"tenant": tenant}
 
     async def tenant_revoke_key(self, req: Request) -> dict:
         tenant = await self.registry.update("revoke_key", tenant=req.msg.tenant, public_key=req.msg.public_key,
                                             request_id=req.id)
-        self._principals_at = 0.0
+        self._principals_at = float("-inf")
         log.warning("tenant.key_revoked", target_tenant=req.msg.tenant)
         return {"tenant": tenant}
 
@@ -369,7 +377,12 @@ class FrontendService:
         if msg.invocation_type == "DryRun":
             return Reply({"status_code": 204, "request_id": new_request_id(),
                           "executed_version": config.version})
-        return await self.run_invoke(tenant, config, new_request_id(), payload, msg.log_tail)
+        # The client's request id, which its retries keep, names the execution; each handling is an attempt. The
+        # function's manager starts one request id for one attempt only, so a retry after a lost frontend cannot
+        # run the function a second time.
+        digest = hashlib.sha256(f"{tenant}\0{req.id}".encode()).hexdigest()
+        request_id = f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:28]}"
+        return await self.run_invoke(tenant, config, request_id, payload, msg.log_tail, attempt=new_request_id())
 
     async def resolve(self, tenant: str, name: str, qualifier: str | None) -> m.FunctionConfig:
         """name[:qualifier] -> the configuration this invoke runs (an alias's weight rolled here)."""
@@ -388,8 +401,10 @@ class FrontendService:
         return m.FunctionConfig.from_fields(chosen["config"])
 
     async def run_invoke(self, tenant: str, config: m.FunctionConfig, request_id: str, payload: bytes,
-                         log_tail: bool = False) -> Reply:
-        """Admit, route and run one invoke (sync, or an async event's delivery)."""
+                         log_tail: bool = False, attempt: str | None = None) -> Reply:
+        """Admit, route and run one invoke (sync, or an async event's delivery). With `attempt`, the manager
+        refuses to start `request_id` for any other attempt (an event's redelivery has none: it is meant to run
+        again)."""
         structlog.contextvars.bind_contextvars(invoke_id=request_id)
         ticket = await self.admission.admit(tenant, config.name, config.timeout_s)
         # Whatever happens, the execution ends by this instant: the ledger frees this credit's lease only after
@@ -397,7 +412,7 @@ class FrontendService:
         allowance_s = self.rt.config.settings.cold_start_allowance_s
         not_after_ms = now_ms() + int((config.timeout_s + allowance_s) * 1000)
         try:
-            resp = await self._execute(config, request_id, payload, log_tail, not_after_ms)
+            resp = await self._execute(config, request_id, payload, log_tail, not_after_ms, attempt)
         except ServiceException as err:
             if getattr(err, "may_still_run", False):
                 # We lost the host, not necessarily the execution: its credit stays taken until the worker
@@ -416,7 +431,8 @@ class FrontendService:
         return Reply(fields, resp.payload)
 
     async def _execute(
-        self, config: m.FunctionConfig, request_id: str, payload: bytes, log_tail: bool, not_after_ms: int
+        self, config: m.FunctionConfig, request_id: str, payload: bytes, log_tail: bool, not_after_ms: int,
+        attempt: str | None = None,
     ):
         """Reserve a sandbox from the function's manager and run there. An invoke that never reached a host is
         retried once elsewhere; one that may have started is not, and says so."""
@@ -435,7 +451,7 @@ class FrontendService:
                 skipped_managers.clear()
             manager = await self._manager_for(config.key, skipped_managers, why)
             try:
-                res = await self.managers.reserve(manager, config, request_id, avoid)
+                res = await self.managers.reserve(manager, config, request_id, avoid, attempt=attempt)
             except PeerUnavailable as err:
                 log.warning("manager.unreachable", manager=manager, error=str(err))
                 skipped_managers.add(manager)
@@ -449,7 +465,8 @@ class FrontendService:
                     payload=payload, timeout_s=config.timeout_s, log_tail=log_tail, not_after_ms=not_after_ms,
                 )
             except PeerUnavailable as err:
-                self._spawn(self.managers.release(manager, **release, outcome="node_failed"))
+                self._spawn(self.managers.release(manager, **release,
+                                                  outcome="not_sent" if err.reason == "NotSent" else "node_failed"))
                 if err.reason == "NotSent" and not retried:
                     retried = True
                     avoid.append(res["node_id"])

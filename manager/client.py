@@ -17,11 +17,12 @@ class ManagerClient:
         self.pool = pool
 
     async def reserve(
-        self, endpoint: str, config: m.FunctionConfig, request_id: str, avoid_nodes: Iterable[str] = ()
+        self, endpoint: str, config: m.FunctionConfig, request_id: str, avoid_nodes: Iterable[str] = (),
+        attempt: str | None = None,
     ) -> dict[str, Any]:
         resp = await self.pool.call(
             endpoint,
-            m.Reserve(config=config, request_id=request_id, avoid_nodes=tuple(avoid_nodes)),
+            m.Reserve(config=config, request_id=request_id, avoid_nodes=tuple(avoid_nodes), attempt=attempt),
             timeout_s=RESERVE_TIMEOUT_S,
         )
         return resp.fields

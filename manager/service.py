@@ -62,6 +62,20 @@ class ManagerService:
         config = msg.config
         key = config.key
         avoid = set(msg.avoid_nodes) | set(self._unhealthy_since)
+        if msg.attempt is not None and not self.state.claim(msg.request_id, msg.attempt, self.rt.now()):
+            log.warning("invoke.duplicate_refused", invoke_id=msg.request_id, function=config.name)
+            raise ServiceException(
+                f"invoke {msg.request_id} was already started by an earlier try of the same request, whose "
+                "frontend was lost; it may have run, so it is not started again. Invoke again (a new request) "
+                "if running it twice is safe.", reason="AlreadyStarted", retryable=False)
+        try:
+            return await self._reserve(msg, config, key, avoid)
+        except BaseException:
+            if msg.attempt is not None:
+                self.state.unclaim(msg.request_id, msg.attempt)  # no sandbox was handed out: nothing ran
+            raise
+
+    async def _reserve(self, msg: m.Reserve, config: m.FunctionConfig, key: str, avoid: set[str]) -> dict:
         record = self.state.reserve(key, msg.request_id, self.rt.now(), avoid)
         if record is not None:
             return _reservation(record, cold=False)
@@ -142,7 +156,9 @@ class ManagerService:
                 self._report(record.node_id, ok=True)
         elif msg.outcome == "gone":
             released = self.state.remove(msg.sandbox_id) is not None
-        else:  # node_failed: the frontend could not reach the host; stop routing there until placement says
+        else:  # node_failed, not_sent: the frontend could not reach the host; stop routing there until placement says
+            if msg.outcome == "not_sent":
+                self.state.unclaim(msg.request_id)  # the invoke never reached the host: it may start elsewhere
             released = record is not None
             if record is not None:
                 gone = self.state.drop_nodes([record.node_id])

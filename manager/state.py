@@ -7,6 +7,7 @@ Soft state: after a restart the service rebuilds it from placement's leases and 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,9 @@ DEFAULT_KEEP_ALIVE_S = 600.0
 DRAIN_MARGIN_S = 60.0  # no new sandbox on a lease this close to its expiry: it drains, then goes back
 IDLE_LEASE_RETURN_S = 300.0  # an empty lease nobody placed on for this long goes back to placement
 SHORT_IDLE_LEASE_RETURN_S = 5.0  # ... or for this long, where placement says its AZ is short of free capacity
+
+STARTED_KEEP_S = 960.0  # how long a sync invoke's request id is remembered: past the longest function timeout
+STARTED_MAX = 200_000  # ... and how many (the oldest go first; beyond this a duplicate is no longer caught)
 
 IDLE, BUSY = "idle", "busy"
 
@@ -63,6 +67,33 @@ class ManagerState:
         self.pools: dict[str, dict[str, SandboxRecord]] = {}  # function key -> sandbox id -> record
         self.idle: dict[str, list[str]] = {}  # function key -> idle sandbox ids, most recently used last
         self.leases: dict[str, LeaseRecord] = {}
+        self.started: OrderedDict[str, tuple[str, float]] = OrderedDict()  # request id -> (attempt, when)
+
+    # --- at most one start per request ----------------------------------------------------------------------------
+
+    def claim(self, request_id: str, attempt: str, now: float) -> bool:
+        """A sync invoke's handling `attempt` is about to start `request_id`. False if another handling already
+        did (a client retried after losing its frontend): that one may have run, so this one must not."""
+        self._forget_started(now)
+        held = self.started.get(request_id)
+        if held is not None and held[0] != attempt:
+            return False
+        self.started[request_id] = (attempt, now)
+        self.started.move_to_end(request_id)
+        return True
+
+    def unclaim(self, request_id: str, attempt: str | None = None) -> None:
+        """The handling never reached a host: nothing ran, so a later handling may start it."""
+        held = self.started.get(request_id)
+        if held is not None and (attempt is None or held[0] == attempt):
+            del self.started[request_id]
+
+    def _forget_started(self, now: float) -> None:
+        while self.started:
+            request_id, (_, when) = next(iter(self.started.items()))
+            if now - when <= STARTED_KEEP_S and len(self.started) < STARTED_MAX:
+                break
+            del self.started[request_id]
 
     # --- warm routing --------------------------------------------------------------------------------------------
 

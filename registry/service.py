@@ -45,7 +45,7 @@ class RegistryService:
                 m.ListTenants: at_leader(self.list_tenants),
                 m.RegistryUpdate: at_leader(self.update),
                 m.RegistryDescribe: at_leader(self.describe),
-                m.RegistryPrincipals: self.principals,  # ZAP's key map: polled every second, a local read will do
+                m.RegistryPrincipals: at_leader(self.principals),  # ZAP's key map: a revocation counts at once
                 m.RegistryEvents: self.events,
             },
         )

@@ -27,8 +27,8 @@ class FlintError(Exception):
         error: dict[str, Any] = {"type": self.type_name, "message": self.message}
         if self.reason is not None:
             error["reason"] = self.reason
-        if self.retryable:
-            error["retryable"] = True
+        if self.retryable or type(self).retryable:  # said whenever it differs from nothing-said (not retryable)
+            error["retryable"] = bool(self.retryable)
         return error
 
     def __str__(self) -> str:
@@ -117,6 +117,6 @@ def from_reply(error: Any) -> FlintError:
     err = cls(message, reason=reason)
     if isinstance(type_name, str) and cls is ServiceException and type_name != "ServiceException":
         err.type_name = type_name  # keep a name this version does not know, rather than hide it
-    if error.get("retryable") is True:
-        err.retryable = True
+    if "retryable" in error:
+        err.retryable = error["retryable"] is True
     return err

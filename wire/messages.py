@@ -432,6 +432,9 @@ class Reserve(Message):
     config: FunctionConfig = nested(FunctionConfig)
     request_id: str = text(ID_MAX)
     avoid_nodes: tuple = text_list(64, default=())
+    # which handling of a sync invoke this is (one per frontend handling of one client request): a second,
+    # different handling of the same request id is refused, so a client's retry never runs it twice
+    attempt: str | None = text(ID_MAX, default=None)
 
 
 @message("manager.release")
@@ -439,7 +442,7 @@ class ManagerRelease(Message):
     function_key: str = text(512)
     sandbox_id: str = text(ID_MAX)
     request_id: str = text(ID_MAX)
-    outcome: str = text(16, default="ok", choices=("ok", "gone", "node_failed"))
+    outcome: str = text(16, default="ok", choices=("ok", "gone", "node_failed", "not_sent"))
 
 
 @message("manager.status")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_a_tenant_cannot_see_invoke_change_or_delete_anothers_function(alice, bo
     assert alice.invoke("private", {}).json()["version"] == "alice"
 
 
-def test_revoked_keys_stop_working_on_new_and_open_connections(region, operator, tmp_path):
+def test_revoked_keys_stop_working_on_new_and_open_connections(region, operator, bob, tmp_path):
     key = KeyPair.generate()
     secret = key.save(tmp_path, "rotating")
     operator.add_tenant_key("bob", key.public)
@@ -127,6 +128,35 @@ def test_revoked_keys_stop_working_on_new_and_open_connections(region, operator,
     with Client.from_region(region.root, key_file=secret, retries=0, timeout_s=1.0) as fresh:
         with pytest.raises(PeerUnavailable):
             fresh.list_functions()
+
+
+def test_a_revoked_key_opens_no_new_connection_on_any_frontend_at_once(region, operator, bob, tmp_path):
+    key = KeyPair.generate()
+    secret = key.save(tmp_path, "everywhere")
+    operator.add_tenant_key("bob", key.public)
+    cfg = ClientConfig.load(region.root)
+
+    def connect(endpoint: str, timeout_s: float = 5.0) -> Client:
+        return Client([endpoint], server_key=cfg.server_key, key=KeyPair.load(secret), timeout_s=timeout_s, retries=0)
+
+    for endpoint in cfg.endpoints:  # every frontend has seen the key a moment ago
+        with connect(endpoint) as c:
+            c.list_functions()
+    operator.revoke_tenant_key("bob", key.public)
+
+    def refused(endpoint: str) -> bool:
+        with connect(endpoint, timeout_s=1.0) as c:
+            try:
+                c.list_functions()
+            except PeerUnavailable:
+                return True  # the handshake was refused
+            except AccessDeniedException:
+                return False  # let in, and only then turned away by the per-request check
+            return False
+
+    with ThreadPoolExecutor(len(cfg.endpoints)) as pool:
+        outcomes = dict(zip(cfg.endpoints, pool.map(refused, cfg.endpoints)))
+    assert all(outcomes.values()), f"a revoked key still opened a connection: {outcomes}"
 
 
 def test_every_invocation_type_returns_what_lambda_returns(alice, tmp_path):

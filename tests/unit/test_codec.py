@@ -33,3 +33,13 @@ def test_a_small_frame_cannot_claim_a_huge_container():
     # a map header claiming 2**32-1 entries in 5 bytes must be refused, not allocated
     with pytest.raises(InvalidRequestContentException):
         codec.decode([b"\xdf\xff\xff\xff\xff"], max_payload_bytes=10)
+
+
+def test_errors_keep_their_name_reason_and_whether_to_retry_across_the_wire():
+    from wire.errors import ServiceException, TooManyRequestsException, from_reply
+
+    final = from_reply(ServiceException("ran once", reason="AlreadyStarted", retryable=False).to_wire())
+    assert (final.type_name, final.reason, final.retryable) == ("ServiceException", "AlreadyStarted", False)
+    assert from_reply(ServiceException("blip").to_wire()).retryable
+    throttled = from_reply(TooManyRequestsException("busy", reason="ConcurrentInvocationLimitExceeded").to_wire())
+    assert isinstance(throttled, TooManyRequestsException) and throttled.retryable

@@ -149,3 +149,16 @@ def test_capacity_is_never_exceeded_and_no_sandbox_serves_two_invokes(ops):
             used = sum(r.memory_mb for r in s.sandboxes.values() if r.lease_id == lease_id)
             assert lr.used_mb == used <= lr.memory_mb  # capacity is never exceeded
         assert {sid for sid, r in s.sandboxes.items() if r.state == BUSY} == set(holders)
+
+
+def test_a_request_id_is_started_by_one_attempt_only_until_it_is_known_not_to_have_run():
+    s = ManagerState()
+    assert s.claim("r1", "a1", 0.0)
+    assert s.claim("r1", "a1", 0.1)  # the same handling going round again (a stale sandbox): fine
+    assert not s.claim("r1", "a2", 0.2)  # a client's retry through another frontend: a1 may have run it
+    s.unclaim("r1", "a2")  # only its own claim can be dropped
+    assert not s.claim("r1", "a2", 0.3)
+    s.unclaim("r1")  # a1's request never reached the host: nothing ran
+    assert s.claim("r1", "a2", 0.4)
+    assert s.claim("r2", "b1", 0.5) and s.claim("r3", "c1", 2000.0)  # long after, r1 and r2 are forgotten
+    assert set(s.started) == {"r3"}
