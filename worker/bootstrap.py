@@ -31,6 +31,9 @@ LOG_TAIL_BYTES = 4096
 LOG_ROTATE_BYTES = 1024 * 1024
 RESPONSE_MAX_BYTES = 6 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
+# The worker kills a sandbox at its invoke's deadline. Should the worker be unable to (its process frozen), the
+# sandbox ends itself this long after: the region's concurrency limits count on no execution outliving it.
+OVERRUN_GRACE_S = 0.2
 
 
 def _die_with_parent(parent: int) -> None:
@@ -180,15 +183,18 @@ def serve(channel: Channel, handler_spec: str) -> None:
         channel.write({"t": "init_error", "error": error_map(exc, exc.error_type, str(exc))})
         return
     channel.write({"t": "ready"})
+    signal.signal(signal.SIGALRM, _overran)
     while True:
         msg = channel.read()
         if msg is None:
             return  # the worker closed the channel: the sandbox is being retired
         request_id = msg["id"]
+        signal.setitimer(signal.ITIMER_REAL, max(0.001, msg["deadline_ms"] / 1000 - time.time() + OVERRUN_GRACE_S))
         start = log_size()
         print(f"START RequestId: {request_id} Version: {os.environ.get('AWS_LAMBDA_FUNCTION_VERSION', '$LATEST')}")
         began = time.perf_counter()
         reply = invoke(handler, msg)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         duration_ms = (time.perf_counter() - began) * 1000
         sys.stderr.flush()
         print(f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms")
@@ -197,6 +203,11 @@ def serve(channel: Channel, handler_spec: str) -> None:
         channel.write(reply)
         if log_size() > LOG_ROTATE_BYTES:
             os.ftruncate(2, 0)
+
+
+def _overran(signum, frame) -> None:
+    os.write(2, b"the invoke ran past its deadline and the worker did not stop it: the sandbox ends itself\n")
+    os._exit(124)
 
 
 def invoke(handler, msg: dict) -> dict:

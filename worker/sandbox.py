@@ -326,11 +326,11 @@ class SandboxProcess:
                     reply = await self._read()
         except TimeoutError:
             self.kill()
-            return self._failure({
-                "errorType": "Sandbox.Timedout",
-                "errorMessage": f"RequestId: {request_id} Error: Task timed out after {timeout_s:.2f} seconds",
-            }, log_tail)
+            return self._timed_out(request_id, timeout_s, log_tail)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            if time.time() * 1000 >= deadline_ms:  # it ended itself at its deadline (bootstrap OVERRUN_GRACE_S)
+                self.kill()
+                return self._timed_out(request_id, timeout_s, log_tail)
             status = await self._exit_status()
             oom = self.cgroup is not None and self.cgroup.oom_killed()
             return self._failure({
@@ -367,6 +367,12 @@ class SandboxProcess:
             return {"t": "error", "error": raise_init}
         return {"t": "error", "error": {"errorType": "Runtime.InvalidResponse",
                                         "errorMessage": f"the runtime answered {line[:200]!r}; expected RESULT or ERROR"}}
+
+    def _timed_out(self, request_id: str, timeout_s: float, log_tail: bool) -> Outcome:
+        return self._failure({
+            "errorType": "Sandbox.Timedout",
+            "errorMessage": f"RequestId: {request_id} Error: Task timed out after {timeout_s:.2f} seconds",
+        }, log_tail)
 
     def _failure(self, error: dict[str, Any], log_tail: bool) -> Outcome:
         return Outcome(_json(error), "Unhandled", self.read_log_tail() if log_tail else None, alive=False)

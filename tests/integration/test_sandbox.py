@@ -10,6 +10,7 @@ import socket
 import stat
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,19 @@ def test_timeout_kills_the_sandbox_with_lambdas_message(h, code):
     err = json.loads(out.payload)
     assert err["errorType"] == "Sandbox.Timedout" and "Task timed out after 0.50 seconds" in err["errorMessage"]
     assert not out.alive and not sb.alive
+
+
+def test_a_sandbox_past_its_deadline_ends_itself_when_the_worker_cannot_stop_it(h, code):
+    sb = h.sandbox(code, "fn.hang", timeout_s=0.5)
+    # as a frozen worker would: send the invoke, then neither read the answer nor kill at the timeout
+    sb._write({"t": "invoke", "id": "overrun", "deadline_ms": int(time.time() * 1000) + 500, "payload": b"{}",
+               "log_tail": False})
+    began = time.monotonic()
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        h.run(asyncio.wait_for(sb._read(), 5.0))  # the channel closes: the sandbox has ended
+    assert time.monotonic() - began < 2.0  # at its deadline plus a short grace, not the handler's 60 s sleep
+    assert "ran past its deadline" in sb.read_log_tail()
+    h.run(sb.close())
 
 
 def test_exit_is_runtime_exit_error(h, code):
