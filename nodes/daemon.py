@@ -250,6 +250,7 @@ class Node:
             "role_states": {n: {"state": r.state, "restarts": len(r.restarts)} for n, r in self.roles.items()},
             "raft": {name: g.status() for name, g in self.rt.groups.items()},
             "isolation": self.rt.facts.get("isolation"),
+            "isolation_details": self.rt.facts.get("isolation_details"),
             "sandboxes": self.rt.facts.get("sandboxes", 0),
         }
 

@@ -299,6 +299,7 @@ class Region:
                     "raft": ",".join(f"{g}:{s['state'][0].upper()}" for g, s in raft.items()) or "-",
                     "raft_leaders": {g: s["leader"] is not None for g, s in raft.items()},
                     "isolation": admin.get("isolation") if admin else None,
+                    "isolation_details": admin.get("isolation_details") if admin else None,
                     "sandboxes": admin.get("sandboxes", 0) if admin else 0,
                 }
             )

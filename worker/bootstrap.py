@@ -220,6 +220,11 @@ def invoke(handler, msg: dict) -> dict:
     context = Context(request_id, msg["deadline_ms"])
     try:
         result = handler(event, context)
+    except MemoryError as exc:  # the address-space cap of a sandbox without cgroups: out of memory, retire
+        return {"t": "error", "retire": True, "error": error_map(
+            exc, "Runtime.OutOfMemory",
+            f"RequestId: {request_id} Error: Runtime exited with error: out of memory (the function used all of "
+            f"its {os.environ.get('AWS_LAMBDA_FUNCTION_MEMORY_SIZE', '?')} MB)")}
     except Exception as exc:
         traceback.print_exc()
         return {"t": "error", "error": error_map(exc)}

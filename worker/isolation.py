@@ -156,6 +156,33 @@ def set_rlimits(tmp_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
 
+def set_fallback_limits(memory_mb: int, pids_max: int) -> None:
+    """Without cgroups (no root, or no cgroupfs): the address space capped at what the process maps already plus
+    the function's memory (a handler past it gets MemoryError, which the runtime reports as out of memory), and
+    processes capped at what this uid runs already plus the pids limit (a fork bomb stops there)."""
+    mapped = 0
+    try:
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pass
+    address_space = mapped + memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    uid = os.getuid()
+    running = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                running += os.stat(f"/proc/{entry}").st_uid == uid
+            except OSError:
+                pass
+    nproc = running + pids_max
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if hard != resource.RLIM_INFINITY:
+        nproc = min(nproc, hard)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
 def seccomp_filter() -> Any:
     """The filter every sandbox loads (pyseccomp over libseccomp). Built once in the zygote, loaded per sandbox."""
     import pyseccomp as seccomp
@@ -390,6 +417,8 @@ class Capabilities:
             applied += ["pid/mnt/net/ipc/uts namespaces", "pivot_root", "/proc", "/tmp tmpfs", "uid", "caps dropped"]
         if self.cgroups:
             applied.append(f"cgroup-v{self.cgroups} memory/pids/cpu")
+        else:
+            applied.append("address-space and process-count rlimits in place of cgroups")
         return {"level": self.label(), "applied": applied, "missing": self.reasons}
 
 

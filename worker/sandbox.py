@@ -218,6 +218,7 @@ class SlotPool:
             "network": network,
             "uid": UID_BASE + next(self._seq) % UID_SPAN,
             "tmp_mb": self.tmp_mb,
+            "pids_max": self.pids_max,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
         }
         try:
@@ -283,7 +284,8 @@ class SandboxProcess:
         if not pool.isolated:
             os.makedirs(tmp, exist_ok=True)
         sandbox._write({"t": "assign", "runtime": config.runtime, "handler": config.handler,
-                        "code_dir": str(code_dir), "env": sandbox_environment(sandbox_id, config, tmp)})
+                        "code_dir": str(code_dir), "env": sandbox_environment(sandbox_id, config, tmp),
+                        "memory_mb": config.memory_mb})
         if config.runtime == "python3":
             try:
                 first = await asyncio.wait_for(sandbox._read(), INIT_TIMEOUT_S)
@@ -344,7 +346,9 @@ class SandboxProcess:
         stray = self.cgroup is not None and len(self.cgroup.pids()) > self.baseline_pids
         if reply.get("t") == "result":
             return Outcome(reply.get("payload") or b"null", None, tail, alive=not stray)
-        return Outcome(_json(reply.get("error") or {}), "Unhandled", tail, alive=not stray)
+        if reply.get("retire"):
+            self.kill()
+        return Outcome(_json(reply.get("error") or {}), "Unhandled", tail, alive=not stray and not reply.get("retire"))
 
     async def _custom(self, request_id: str, deadline_ms: int, payload: bytes) -> dict[str, Any]:
         """The custom runtime protocol: one line in, one line out (README, Custom runtimes)."""

@@ -136,6 +136,8 @@ def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> 
         if isolate:
             _enter_root(req, job["code_dir"])
         iso.set_rlimits(req.get("tmp_mb", 64))
+        if not req.get("cgroup_procs"):  # no cgroup to hold memory and processes: rlimits do what they can
+            iso.set_fallback_limits(job.get("memory_mb", 128), req.get("pids_max", 64))
         if isolate:
             iso.drop_capabilities()
             iso.become(req["uid"], req["uid"])

@@ -80,9 +80,14 @@ def test_cluster_function_and_invoke_commands(tmp_path):
         assert failed.returncode == 1 and "FunctionError: Unhandled" in failed.stderr
         assert json.loads(failed.stdout)["errorType"] == "Example.Failure"
 
-        isolation = {r["isolation"] for r in json.loads(flint("cluster", "status", "--dir", str(region), "--json").stdout)}
+        rows = json.loads(flint("cluster", "status", "--dir", str(region), "--json").stdout)
+        isolation = {r["isolation"] for r in rows}
         expected = "full(cgroup-v" if os.geteuid() == 0 else "partial:"
         assert all(level.startswith(expected) for level in isolation), isolation
+        for row in rows:  # what was applied and what is missing, node by node
+            details = row["isolation_details"]
+            assert details["level"] == row["isolation"] and "seccomp" in details["applied"]
+            assert (details["missing"] == []) == (os.geteuid() == 0)
     finally:
         down = flint("cluster", "down", "--dir", str(region), "--purge")
     assert down.returncode == 0 and down.stdout.count("stopped") == 3

@@ -130,12 +130,12 @@ done
 class Harness:
     """A zygote and slot pool on their own event loop thread, as a worker runs them."""
 
-    def __init__(self, base: Path, caps: iso.Capabilities | None = None):
+    def __init__(self, base: Path, caps: iso.Capabilities | None = None, cgroups: bool = True):
         self.base = base
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.cgroups = iso.Cgroups(f"flint-test-{os.getpid()}") if os.geteuid() == 0 else None
+        self.cgroups = iso.Cgroups(f"flint-test-{os.getpid()}") if os.geteuid() == 0 and cgroups else None
         self.caps = caps or iso.probe(self.cgroups)
         self.run(self._start())
 
@@ -390,7 +390,7 @@ def test_cgroup_limits_follow_the_functions_memory(h, code):
 def test_without_root_the_worker_does_what_it_can_and_says_so(tmp_path, code):
     partial = iso.Capabilities(root=False, namespaces=False, cgroups=0, seccomp=True,
                                reasons=["not root: no namespaces, cgroups, uid switch or capability drop"])
-    harness = Harness(tmp_path, caps=partial)
+    harness = Harness(tmp_path, caps=partial, cgroups=False)  # as a worker without root runs: no cgroups
     try:
         assert partial.label() == "partial:process+rlimits+no_new_privs+seccomp"
         sb = harness.sandbox(code, "fn.ok")
@@ -402,5 +402,19 @@ def test_without_root_the_worker_does_what_it_can_and_says_so(tmp_path, code):
         assert result["mount"] == "refused: EPERM" and result["unshare"] == "refused: EPERM"  # seccomp holds
         harness.run(sb.close())
         harness.run(denied.close())
+        # no cgroup to hold its memory: the address-space cap stops a hog, which gets the same error
+        hog = harness.sandbox(code, "fn.hog", memory_mb=128, timeout_s=20)
+        out = harness.invoke(hog)
+        err = json.loads(out.payload)
+        assert err["errorType"] == "Runtime.OutOfMemory" and "128 MB" in err["errorMessage"] and not out.alive
+        harness.run(hog.close())
+        fresh = harness.sandbox(code, "fn.ok")
+        assert json.loads(harness.invoke(fresh).payload)["count"] == 1
+        harness.run(fresh.close())
+        if os.geteuid() != 0:  # RLIMIT_NPROC binds only an unprivileged uid
+            bomb = harness.sandbox(code, "fn.forkbomb", timeout_s=10)
+            result = json.loads(harness.invoke(bomb).payload)
+            assert result["error"] == "EAGAIN" and result["stopped_at"] <= 64
+            harness.run(bomb.close())
     finally:
         harness.close()
