@@ -179,7 +179,8 @@ class FrontendService:
     async def _code(self, payload: bytes | None) -> tuple[str, int]:
         if not payload:
             raise InvalidParameterValueException("no code: send the zip as the request's payload frame")
-        await asyncio.to_thread(validate_zip, payload)
+        await asyncio.to_thread(validate_zip, payload,
+                                unzipped_max_bytes=self.rt.config.settings.unzipped_max_mb * 1024 * 1024)
         await self.registry.put_blob(payload)
         return sha256(payload), len(payload)
 

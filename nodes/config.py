@@ -56,6 +56,7 @@ class Settings:
     worker_memory_mb: int = 0  # memory this host offers for sandboxes; 0: its physical memory
     function_cache_ttl_s: float = 2.0  # how long a frontend trusts its copy of a function's config
     code_cache_mb: int = 2048  # unpacked code kept per worker host
+    unzipped_max_mb: int = 250  # a function's code, unzipped (refused at upload past it; workers check it again)
     role_restarts: int = 5  # a role that crashes more often than this within role_restart_window_s ends the node
     role_restart_window_s: float = 60.0
     max_sandboxes: int = 256  # per worker host

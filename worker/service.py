@@ -242,7 +242,8 @@ class WorkerService:
                 return path
             began = time.perf_counter()
             data = await self.registry.get_blob(digest)
-            size = await asyncio.to_thread(unpack, data, path)
+            size = await asyncio.to_thread(unpack, data, path,
+                                           unzipped_max_bytes=self.rt.config.settings.unzipped_max_mb * 1024 * 1024)
             for old in self.cache.add(digest, size, self.rt.now(), self.state.code_in_use()):
                 shutil.rmtree(self.code_root / old, ignore_errors=True)
             log.info("code.cached", code_sha256=digest, bytes=size, ms=round((time.perf_counter() - began) * 1000, 1))

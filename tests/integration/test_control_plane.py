@@ -3,8 +3,10 @@ invocation type, versions and aliases, async events with retries and a dead-lett
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from wire.keys import KeyPair
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = {"event_retry_backoff_s": 0.2, "event_visibility_s": 5, "keep_alive_s": 600}
+SETTINGS = {"event_retry_backoff_s": 0.2, "event_visibility_s": 5, "keep_alive_s": 600, "unzipped_max_mb": 4}
 VERSIONED = 'def handle(event, context):\n    return {"version": "%s", "request_id": context.aws_request_id}\n'
 FAILING = 'def handle(event, context):\n    raise ValueError(context.aws_request_id)\n'
 
@@ -243,14 +245,21 @@ def test_an_accepted_event_is_not_duplicated_by_a_client_retry(alice):
 
 
 def test_limits_give_the_named_errors(alice):
+    alice.create_function("limited", code=ROOT / "examples" / "hello", handler="handler.handle")
     with pytest.raises(RequestTooLargeException):
-        alice.invoke("counter", b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"')
+        alice.invoke("limited", b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"')
     with pytest.raises(RequestTooLargeException, match="Event"):
-        alice.invoke("counter", b'"' + b"x" * (300 * 1024) + b'"', invocation_type="Event")
+        alice.invoke("limited", b'"' + b"x" * (300 * 1024) + b'"', invocation_type="Event")
     with pytest.raises(RequestTooLargeException):
         alice.create_function("huge", code=b"PK" + b"\0" * (51 * 1024 * 1024), handler="handler.handle")
+    roomy = io.BytesIO()  # 5 MB of zeros: a tiny zip, over this region's unzipped_max_mb of 4
+    with zipfile.ZipFile(roomy, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("handler.py", VERSIONED % "big")
+        z.writestr("data.bin", b"\0" * (5 * 1024 * 1024))
+    with pytest.raises(InvalidParameterValueException, match="exceeds 4 MB"):
+        alice.create_function("roomy", code=roomy.getvalue(), handler="handler.handle")
     for bad in ({"memory_mb": 64}, {"memory_mb": 10241}, {"timeout_s": 901}, {"maximum_retry_attempts": 3},
                 {"environment": {"BIG": "x" * 5000}}, {"environment": {"AWS_REGION": "x"}}):
         with pytest.raises(InvalidParameterValueException):
-            alice.update_function_configuration("counter", **bad)
-    assert json.loads(alice.invoke("counter", {}).payload)["message"] == "Hello, world!"
+            alice.update_function_configuration("limited", **bad)
+    assert json.loads(alice.invoke("limited", {}).payload)["message"] == "Hello, world!"
