@@ -53,3 +53,21 @@ def dump_logs(region, lines: int = 30) -> None:
 @pytest.fixture
 def example_code() -> Path:
     return ROOT / "examples" / "hello"
+
+
+_REPORTS = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def report(request):
+    """What a test measured that a reader of the run should see even when it passes (printed at the end)."""
+    lines = request.config.stash.setdefault(_REPORTS, [])
+    return lambda text: lines.append(f"{request.node.nodeid}: {text}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(_REPORTS, [])
+    if lines:
+        terminalreporter.section("flint: measured by the tests")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -49,7 +49,7 @@ def executions(region) -> Counter:
     return starts
 
 
-def test_every_accepted_event_runs_or_is_dead_lettered_through_frontend_and_leader_loss(tmp_path):
+def test_every_accepted_event_runs_or_is_dead_lettered_through_frontend_and_leader_loss(tmp_path, report):
     region = start_region(tmp_path, nodes=5, azs=3, settings=SETTINGS)
     accepted: list[str] = []
     refused: Counter = Counter()
@@ -113,8 +113,8 @@ def test_every_accepted_event_runs_or_is_dead_lettered_through_frontend_and_lead
         never_ran = [e for e in accepted if events[e]["state"] == "done" and ran[e] == 0]
         assert not never_ran, f"{len(never_ran)} events marked done never started on a worker"
         more_than_once = sum(1 for e in accepted if ran[e] > 1)
-        print(f"accepted {len(accepted)} of {EVENTS}; refused {dict(refused)}; states {dict(states)}; "
-              f"executed more than once: {more_than_once}")
+        report(f"accepted {len(accepted)} of {EVENTS}; refused {dict(refused)}; states {dict(states)}; "
+               f"executed more than once: {more_than_once}")
     except Exception:
         dump_logs(region, 15)
         raise

@@ -107,7 +107,7 @@ def executions(region, killed_at: dict[str, float]) -> list[tuple[float, int]]:
     return sorted(events, key=lambda e: (e[0], e[1]))
 
 
-def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path):
+def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
     region = start_region(tmp_path, nodes=6, azs=3, settings=SETTINGS, layout="dedicated")
     load = Load(region)
     killed_at: dict[str, float] = {}
@@ -153,7 +153,7 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path):
         for _, delta in executions(region, killed_at):
             running += delta
             peak = max(peak, running)
-        print(f"peak concurrency {peak} (limit {LIMIT}); outcomes {dict(load.outcomes)}")
+        report(f"peak concurrency {peak} (limit {LIMIT}); outcomes {dict(load.outcomes)}")
         assert peak <= LIMIT, f"{peak} executions ran at once under a limit of {LIMIT}"
         ok = {fe: load.outcomes[(fe, "ok")] for fe in FRONTENDS}
         total = sum(ok.values())

@@ -18,7 +18,7 @@ SETTINGS = {"keep_alive_s": 600, "orphan_grace_s": 5}
 CLEAR = ("ServiceException", "TooManyRequestsException")
 
 
-def after_recovery_all_succeed(load: SteadyLoad, broke_at: float, window_s: float = 3.0) -> None:
+def after_recovery_all_succeed(load: SteadyLoad, broke_at: float, what: str, report, window_s: float = 3.0) -> None:
     load.wait_steady(broke_at, successes=30, timeout_s=20)
     first, steady = load.recovery(broke_at)
     assert first is not None, f"no invoke succeeded after the failure: {load.errors(broke_at, time.monotonic())}"
@@ -27,11 +27,11 @@ def after_recovery_all_succeed(load: SteadyLoad, broke_at: float, window_s: floa
     time.sleep(window_s)
     later = [o for o in load.since(settle)]
     assert later and all(o.ok for o in later), load.errors(settle, time.monotonic())
-    print(f"first success {first:.2f}s, steady {steady:.2f}s after the failure; errors in between: "
-          f"{dict(load.errors(broke_at, broke_at + steady))}")
+    report(f"{what}: first success {first:.2f}s, steady {steady:.2f}s after the failure; errors in between: "
+           f"{dict(load.errors(broke_at, broke_at + steady))}")
 
 
-def test_invokes_find_a_healthy_host_through_worker_manager_and_az_loss(tmp_path):
+def test_invokes_find_a_healthy_host_through_worker_manager_and_az_loss(tmp_path, report):
     region = start_region(tmp_path, nodes=6, azs=3, settings=SETTINGS)
     load = None
     try:
@@ -50,7 +50,7 @@ def test_invokes_find_a_healthy_host_through_worker_manager_and_az_loss(tmp_path
         print(f"sandboxes on {hosts}, manager {owner}: killing {victim}")
         broke_at = time.monotonic()
         region.kill_node(victim)
-        after_recovery_all_succeed(load, broke_at)
+        after_recovery_all_succeed(load, broke_at, f"worker host {victim} killed", report)
         region.start_node(victim)
         region.wait_healthy(30)
 
@@ -58,7 +58,7 @@ def test_invokes_find_a_healthy_host_through_worker_manager_and_az_loss(tmp_path
         owner = function_owner(key, [n["node_id"] for n in region.nodes()])
         broke_at = time.monotonic()
         region.kill_node(owner)
-        after_recovery_all_succeed(load, broke_at)
+        after_recovery_all_succeed(load, broke_at, f"manager {owner} killed", report)
         region.start_node(owner)
         region.wait_healthy(30)
 
@@ -66,7 +66,7 @@ def test_invokes_find_a_healthy_host_through_worker_manager_and_az_loss(tmp_path
         broke_at = time.monotonic()
         killed = region.kill_az("az2")
         assert len(killed) == 2
-        after_recovery_all_succeed(load, broke_at)
+        after_recovery_all_succeed(load, broke_at, "az2 killed", report)
 
         load.stop()
         assert not load.unclear, load.unclear  # every failure was a Lambda-named error
