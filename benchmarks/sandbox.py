@@ -4,7 +4,9 @@
 
 Measured in one run, with the worker's own code (zygote, slot pool, SandboxProcess), on this machine:
 - cold start: create -> first result, p50/p99, with full isolation (cgroups, namespaces, pivot_root, uid, caps,
-  no_new_privs, seccomp, rlimits; as root) - or whatever this machine allows, which the JSON says;
+  no_new_privs, seccomp, rlimits; as root) - or whatever this machine allows, which the JSON says - from a
+  prepared slot, as a worker keeps `sandbox_pool` of them; and with no slot prepared (a burst bigger than the
+  pool: the fork, namespaces, cgroups and root are built in the measured time too);
 - the same for a fresh `python3` with the runtime's imports (the bootstrap started on its own, no isolation),
   and for bubblewrap (Debian's `bubblewrap`) launching the same handler with --unshare-all;
 - warm invoke overhead, worker side: a no-op handler's round trip through the sandbox's channel, p50/p99
@@ -80,6 +82,17 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
             assert out.function_error is None and sb.init_error is None, out.payload
             await sb.close()
 
+        # cold starts with no prepared slot (a burst bigger than the pool): fork, namespaces, cgroups, root too
+        bare = SlotPool(zygote, cgroups, run_root / "bare", size=0)
+        unprepared = []
+        for i in range(max(20, n_cold // 5)):
+            began = time.perf_counter()
+            sb = await SandboxProcess.start(f"bare-{i}", config(), code, pool=bare)
+            out = await sb.invoke(f"b{i}", b'{"n": 1}', False)
+            unprepared.append((time.perf_counter() - began) * 1000)
+            assert out.function_error is None and sb.init_error is None, out.payload
+            await sb.close()
+
         # warm: the same sandbox, invoke after invoke. 1769 MB buys a full core: at 128 MB the function's CPU
         # share (7% of a core) would throttle thousands of back-to-back invokes, and that is the limit, not overhead
         await ready_slots(1)
@@ -118,7 +131,7 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
             await s.close()
             made += 1
         rate = made / (time.perf_counter() - began)
-        return {"cold": cold, "warm": warm, "pss": pss, "rate": rate, "caps": caps}
+        return {"cold": cold, "unprepared": unprepared, "warm": warm, "pss": pss, "rate": rate, "caps": caps}
     finally:
         await pool.close()
         zygote.close()
@@ -199,6 +212,8 @@ def main() -> None:
         "isolation_applied": caps.details()["applied"],
         "cold_p50_ms": round(pct(res["cold"], 50), 2),
         "cold_p99_ms": round(pct(res["cold"], 99), 2),
+        "cold_unprepared_p50_ms": round(pct(res["unprepared"], 50), 2),
+        "cold_unprepared_p99_ms": round(pct(res["unprepared"], 99), 2),
         "fresh_python_cold_p50_ms": round(pct(fresh, 50), 2),
         "fresh_python_cold_p99_ms": round(pct(fresh, 99), 2),
         "bwrap_cold_p50_ms": round(pct(bw, 50), 2) if bw else None,
