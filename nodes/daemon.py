@@ -137,7 +137,8 @@ class Node:
                 cold_start_allowance_s=c.settings.cold_start_allowance_s,
             ),
             "placement": lambda: PlacementState(c.settings.heartbeat_interval_s * c.settings.missed_heartbeats,
-                                                hold_down_s=c.settings.hold_down_s),
+                                                hold_down_s=c.settings.hold_down_s,
+                                                tick_interval_s=c.settings.heartbeat_interval_s),
         }
         cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir))
         rt.groups[group] = RaftGroup(cfg, states[group]())

@@ -88,8 +88,10 @@ class PlacementState:
         heartbeat_timeout_s: float = HEARTBEAT_INTERVAL_S * MISSED_HEARTBEATS,
         hold_down_s: float = HOLD_DOWN_S,
         policy: str = "flint",
+        tick_interval_s: float = HEARTBEAT_INTERVAL_S,
     ):
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.tick_interval_s = tick_interval_s  # the leader commits a tick this often while the group is up
         self.hold_down_s = hold_down_s
         self.policy = policy  # flint | balance | binpack (the last two for comparison in the simulator)
         self.nodes: dict[str, NodeRecord] = {}
@@ -103,6 +105,7 @@ class PlacementState:
 
     def cmd_register(self, now: float, node: dict[str, Any]) -> int:
         """A node (re)announces itself. Returns its incarnation number."""
+        self._bridge_gap(now)
         node_id = node["node_id"]
         old = self.nodes.get(node_id)
         record = NodeRecord(dict(node), now, now, incarnation=old.incarnation + 1 if old else 1)
@@ -114,6 +117,7 @@ class PlacementState:
         return record.incarnation
 
     def cmd_tick(self, now: float) -> None:
+        self._bridge_gap(now)
         self.last_tick = max(self.last_tick, now)
         for record in self.nodes.values():
             self._damp(record, now)
@@ -122,6 +126,7 @@ class PlacementState:
         record = self.nodes.get(node_id)
         if record is None:
             raise ResourceNotFoundException(f"node {node_id} is not registered; register it first")
+        self._bridge_gap(now)
         record.last_heartbeat = max(record.last_heartbeat, now)
         self.newest_beat = max(self.newest_beat, now)
         record.sandboxes = sandboxes
@@ -168,6 +173,19 @@ class PlacementState:
         record = self.nodes.get(node_id)
         return (record is not None and self.is_healthy(node_id, now) and not record.draining
                 and now >= record.hold_until and "worker" in record.info.get("roles", ()))
+
+    def _bridge_gap(self, now: float) -> None:
+        """The group could not commit for a while (its leader died or froze; a new one was elected): ticks
+        stopped. The first command after that must not find every node silent, so the outage (the silence
+        beyond one tick interval) does not count against anyone: each node keeps the age it had when the group
+        went quiet, and has its usual time to be heard again."""
+        last = self.newest_heartbeat()
+        gap = now - last
+        if last > 0 and gap > 2 * self.tick_interval_s:
+            outage = gap - self.tick_interval_s
+            for record in self.nodes.values():
+                record.last_heartbeat += outage
+            self.newest_beat += outage
 
     def newest_heartbeat(self) -> float:
         """The last moment the group is known to have been committing: a tick or any node's heartbeat."""

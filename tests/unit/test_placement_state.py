@@ -21,6 +21,9 @@ def region(n=4, azs=2):
 
 
 def beat(s, now, skip=()):
+    """Time passes with the placement group up: its leader ticks every interval, then the nodes beat."""
+    while s.last_tick + s.tick_interval_s < now:
+        s.cmd_tick(s.last_tick + s.tick_interval_s)
     s.cmd_tick(now)
     for node_id in s.nodes:
         if node_id not in skip:
@@ -94,6 +97,25 @@ def test_an_az_is_short_when_no_healthy_host_there_could_take_one_more_lease():
     assert s.headroom(3.0)["short_azs"] == ["az1"]
     s.cmd_return_lease(3.0, "L0")
     assert s.headroom(3.0)["short_azs"] == []
+
+
+def test_a_placement_outage_does_not_make_every_node_look_dead_when_it_ends():
+    s = region(3, azs=3)
+    beat(s, 1.0)
+    beat(s, 1.5, skip={"n3"})
+    beat(s, 2.0, skip={"n3"})
+    beat(s, 2.6, skip={"n3"})  # n3 has been quiet for 1.6 s: dead before the outage
+    assert not s.is_alive("n3", 2.6)
+    s.cmd_tick(7.0)  # the group could not commit for 4.4 s (a leader election); this is its first commit
+    s.cmd_heartbeat(7.05, "n1")
+    assert s.is_alive("n2", 7.05) and s.can_lease("n2", 7.05)  # n2 gets its chance to be heard again
+    assert s.is_alive("n1", 7.05) and not s.is_alive("n3", 7.05)  # n3 was dead already
+    s.cmd_tick(7.5)
+    s.cmd_heartbeat(7.55, "n1")
+    s.cmd_tick(8.0)
+    s.cmd_heartbeat(8.05, "n1")
+    s.cmd_tick(8.5)
+    assert not s.is_alive("n2", 8.5)  # n2 stayed silent after the outage too: now it is dead
 
 
 def test_drained_hosts_get_no_leases():
