@@ -388,11 +388,14 @@ class Client:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE_BYTES)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.connect(endpoint)
         self.sock = sock
         self.up = False  # a CURVE handshake has succeeded and no disconnect came after it
         self.down_since: float | None = None
+        self._refused: asyncio.Future | None = None  # set when the server turns our key away at the handshake
+        self.auth_refused = False  # the last handshake attempt was refused (libzmq keeps retrying)
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -420,8 +423,12 @@ class Client:
         # a peer seen to drop gets a short wait: it is probably dead, and the caller has elsewhere to go
         send_timeout = min(timeout, SEND_TIMEOUT_S if self.down_since is None else DOWN_SEND_TIMEOUT_S)
         try:
+            frames = codec.encode(header, payload)
             try:
-                await asyncio.wait_for(self.sock.send_multipart(codec.encode(header, payload)), send_timeout)
+                if self.up:
+                    await asyncio.wait_for(self.sock.send_multipart(frames), send_timeout)
+                else:  # no handshake yet: the server may be turning our key away, which should not wait it out
+                    await self._first_send(frames, send_timeout)
             except (asyncio.TimeoutError, zmq.ZMQError):
                 raise PeerUnavailable(
                     f"could not reach {self.endpoint} within {send_timeout:.1f}s", reason="NotSent"
@@ -459,6 +466,22 @@ class Client:
                 continue
             fut.set_result((header, payload))
 
+    async def _first_send(self, frames: list, send_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._refused is None or self._refused.done():
+            self._refused = loop.create_future()
+        send = asyncio.ensure_future(self.sock.send_multipart(frames))
+        done, _ = await asyncio.wait({send, self._refused}, timeout=send_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if send in done:
+            send.result()
+            return
+        send.cancel()
+        if self._refused.done() or self.auth_refused:
+            raise AccessDeniedException(
+                f"{self.endpoint} refused this key at the handshake: it is unknown there or was revoked. "
+                "Check the key file you used, or ask your operator for a key.")
+        raise asyncio.TimeoutError
+
     async def _watch(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
@@ -468,7 +491,12 @@ class Client:
             except zmq.ZMQError:
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up, self.down_since = True, None
+                self.up, self.down_since, self.auth_refused = True, None, False
+                continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.auth_refused = True
+                if self._refused is not None and not self._refused.done():
+                    self._refused.set_result(event.get("value"))
                 continue
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.up = False

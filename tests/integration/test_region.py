@@ -14,6 +14,7 @@ from flint import Client
 from flint.client import ClientConfig
 from tests.conftest import dump_logs, start_region
 from wire.errors import (
+    AccessDeniedException,
     InvalidParameterValueException,
     InvalidRequestContentException,
     PeerUnavailable,
@@ -131,7 +132,7 @@ def test_an_unknown_key_cannot_get_in(region):
     cfg = ClientConfig.load(region.root)
     stranger = Client(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.generate(), timeout_s=1.0, retries=0)
     try:
-        with pytest.raises(PeerUnavailable):
+        with pytest.raises(AccessDeniedException, match="refused this key at the handshake"):
             stranger.invoke("hello", {})
     finally:
         stranger.close()
