@@ -71,27 +71,24 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
             while len(pool.ready) < n:
                 await asyncio.sleep(0.002)
 
-        # cold starts, each from a prepared slot as a worker would have one
-        cold = []
-        for i in range(n_cold):
-            await ready_slots(2)
-            began = time.perf_counter()
-            sb = await SandboxProcess.start(f"cold-{i}", config(), code, pool=pool)
-            out = await sb.invoke(f"r{i}", b'{"n": 1}', False)
-            cold.append((time.perf_counter() - began) * 1000)
-            assert out.function_error is None and sb.init_error is None, out.payload
-            await sb.close()
+        async def cold_starts(name: str, n: int, slots: SlotPool, prepared: int) -> list[float]:
+            """create -> first result, ms, n times; `prepared` slots made ready before each (outside the time)"""
+            times = []
+            for i in range(n):
+                await ready_slots(prepared)
+                began = time.perf_counter()
+                sb = await SandboxProcess.start(f"{name}-{i}", config(), code, pool=slots)
+                out = await sb.invoke(f"{name}{i}", b'{"n": 1}', False)
+                times.append((time.perf_counter() - began) * 1000)
+                assert out.function_error is None and sb.init_error is None, out.payload
+                await sb.close()
+            return times
 
-        # cold starts with no prepared slot (a burst bigger than the pool): fork, namespaces, cgroups, root too
-        bare = SlotPool(zygote, cgroups, run_root / "bare", size=0)
-        unprepared = []
-        for i in range(max(20, n_cold // 5)):
-            began = time.perf_counter()
-            sb = await SandboxProcess.start(f"bare-{i}", config(), code, pool=bare)
-            out = await sb.invoke(f"b{i}", b'{"n": 1}', False)
-            unprepared.append((time.perf_counter() - began) * 1000)
-            assert out.function_error is None and sb.init_error is None, out.payload
-            await sb.close()
+        # cold starts, each from a prepared slot as a worker would have one
+        cold = await cold_starts("cold", n_cold, pool, prepared=2)
+        # with no prepared slot (a burst bigger than the pool): fork, namespaces, cgroups and root too
+        unprepared = await cold_starts("bare", max(20, n_cold // 5), SlotPool(zygote, cgroups, run_root / "bare", size=0),
+                                       prepared=0)
 
         # warm: the same sandbox, invoke after invoke. 1769 MB buys a full core: at 128 MB the function's CPU
         # share (7% of a core) would throttle thousands of back-to-back invokes, and that is the limit, not overhead

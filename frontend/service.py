@@ -366,7 +366,7 @@ class FrontendService:
                 )
             config = await self.resolve(tenant, msg.function, msg.qualifier)
             # the client's request id is the idempotency key: a retried accept is the same event
-            event_id = "ev-" + hashlib.sha256(f"{tenant}\0{req.id}".encode()).hexdigest()[:32]
+            event_id = "ev-" + _from_client_id(tenant, req.id)
             await self.registry.events(
                 "put", payload, request_id=f"put-{event_id}", event_id=event_id, tenant=tenant,
                 function=msg.function, qualifier=msg.qualifier, max_retries=config.maximum_retry_attempts,
@@ -381,7 +381,7 @@ class FrontendService:
         # The client's request id, which its retries keep, names the execution; each handling is an attempt. The
         # function's manager starts one request id for one attempt only, so a retry after a lost frontend cannot
         # run the function a second time.
-        digest = hashlib.sha256(f"{tenant}\0{req.id}".encode()).hexdigest()
+        digest = _from_client_id(tenant, req.id)
         request_id = f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:28]}"
         return await self.run_invoke(tenant, config, request_id, payload, msg.log_tail, attempt=new_request_id())
 
@@ -543,3 +543,9 @@ def _check_handler(runtime: str, handler: str) -> None:
 def _public(record: dict[str, Any]) -> dict[str, Any]:
     """What a tenant sees of a function record."""
     return {k: v for k, v in record.items() if k != "tenant"}
+
+
+def _from_client_id(tenant: str, client_request_id: str) -> str:
+    """32 hex digits naming what a client's request causes (an event, an execution): the same for every retry
+    of that request, and never the same for two tenants."""
+    return hashlib.sha256(f"{tenant}\0{client_request_id}".encode()).hexdigest()[:32]

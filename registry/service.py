@@ -26,6 +26,7 @@ class RegistryService:
         self.group = group
         self.blobs = BlobStore(rt.config.data_dir / "blobs")
         self._batch: list = []
+        self._events_at_leader = rt.at_leader("control", "registry", self._events_here)
 
     async def run(self) -> None:
         # Writes commit at the leader. Reads a tenant or operator makes are served there too, so whoever just
@@ -112,20 +113,21 @@ class RegistryService:
         with self.group.machine.read() as state:
             return {"principals": state.principals()}
 
-    async def events(self, req: Request) -> dict:
+    async def events(self, req: Request) -> dict | Reply:
         """The async queue. Writes commit at the leader, and a tenant's reads (get, list) are answered there so
         an event shows its latest state at once; the pollers' scans (visible, counts) use this replica."""
+        if req.msg.action in ("put", "take", "settle", "redrive", "get", "list"):
+            return await self._events_at_leader(req)
+        return await self._events_here(req)
+
+    async def _events_here(self, req: Request) -> dict:
         op, args = req.msg.action, dict(req.msg.args)
-        if op in ("put", "take", "settle", "redrive"):
-            return await self._events_write(req, op, args)
-        leader = self.group.leader_host()
-        if op in ("get", "list") and leader is not None:
-            try:
-                resp = await self.rt.pool.call(self.rt.config.endpoint("registry", leader), req.msg,
-                                               request_id=req.id, timeout_s=max(0.05, min(req.remaining_s(2), 2.0)))
-                return resp.fields
-            except PeerUnavailable:
-                pass  # answer from this replica
+        if op == "put":
+            args["payload"] = req.payload or b""
+            return {"result": await self._put(args, req.remaining_s(5))}
+        if op in ("take", "settle", "redrive"):
+            return {"result": await self.group.submit(f"events_{op}", args, request_id=req.id,
+                                                      timeout_s=req.remaining_s(5))}
         now = self.rt.now()
         with self.group.machine.read() as state:
             queue = state.events
@@ -137,22 +139,6 @@ class RegistryService:
             if op == "counts":
                 return {"counts": queue.counts(args.get("tenant"))}
             return {"event": queue.get(args["tenant"], args["event_id"])}
-
-    async def _events_write(self, req: Request, op: str, args: dict) -> dict:
-        group = self.group
-        leader = group.leader_host()
-        if leader is not None:  # as at_leader does, for the writes only
-            try:
-                resp = await self.rt.pool.call(self.rt.config.endpoint("registry", leader), req.msg, req.payload,
-                                               request_id=req.id, timeout_s=max(0.05, min(req.remaining_s(3), 3.0)))
-                return resp.fields
-            except PeerUnavailable:
-                pass
-        if op == "put":
-            args["payload"] = req.payload or b""
-            return {"result": await self._put(args, req.remaining_s(5))}
-        result = await group.submit(f"events_{op}", args, request_id=req.id, timeout_s=req.remaining_s(5))
-        return {"result": result}
 
     async def _put(self, args: dict, timeout_s: float) -> dict:
         """Group commit: accepts arriving together share one Raft command. The first waits GROUP_COMMIT_S for
