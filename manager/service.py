@@ -222,9 +222,7 @@ class ManagerService:
         for record in self.state.reap_idle(self.rt.now()):
             self._spawn(self._destroy(record))
         for lease in self.state.leases_to_return(self.rt.now(), short_azs):
-            why = "closing" if lease.closing(self.rt.now(), self.state.drain_margin_s) else (
-                "az_short_of_capacity" if lease.az in short_azs else "idle")
-            self._spawn(self._return(lease, why))
+            self._spawn(self._return(lease))
 
     async def _sync_leases(self) -> list[str]:
         """Placement revokes leases on hosts that went bad; what it no longer lists is gone here too. Returns
@@ -244,10 +242,10 @@ class ManagerService:
                 self._adopt_lease(lease, lease["node"])
         return list(headroom.get("short_azs", ()))
 
-    async def _return(self, lease: LeaseRecord, why: str = "idle") -> None:
+    async def _return(self, lease: LeaseRecord) -> None:
         try:
             await self.placement.return_lease(lease.lease_id)
-            log.info("lease.returned", lease_id=lease.lease_id, target_node=lease.node_id, why=why)
+            log.info("lease.returned", lease_id=lease.lease_id, target_node=lease.node_id, why=lease.return_why)
         except FlintError:
             pass  # it expires on its own
 

@@ -50,6 +50,7 @@ class LeaseRecord:
     used_mb: int = 0
     last_placed: float = 0.0
     draining: bool = False  # the host is being taken out: nothing new here; it goes back once empty
+    return_why: str = ""  # set by leases_to_return: closing, az_short_of_capacity or idle
 
     @property
     def free_mb(self) -> int:
@@ -222,12 +223,20 @@ class ManagerState:
         """Empty leases that are draining toward expiry, or that nothing was placed on for a while: 5 minutes,
         or 5 s in an AZ where placement is short of free capacity."""
         short = set(short_azs)
-        out = [
-            lease for lease in self.leases.values()
-            if lease.used_mb == 0
-            and (lease.closing(now, self.drain_margin_s)
-                 or now - lease.last_placed >= (SHORT_IDLE_LEASE_RETURN_S if lease.az in short else IDLE_LEASE_RETURN_S))
-        ]
+        out = []
+        for lease in self.leases.values():
+            if lease.used_mb:
+                continue
+            idle_s = now - lease.last_placed
+            if lease.closing(now, self.drain_margin_s):
+                lease.return_why = "closing"
+            elif lease.az in short and idle_s >= SHORT_IDLE_LEASE_RETURN_S:
+                lease.return_why = "az_short_of_capacity"
+            elif idle_s >= IDLE_LEASE_RETURN_S:
+                lease.return_why = "idle"
+            else:
+                continue
+            out.append(lease)
         for lease in out:
             del self.leases[lease.lease_id]
         return out
