@@ -42,7 +42,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 from frontend.state import rendezvous_order  # noqa: E402
-from manager.state import BUSY, LeaseRecord, ManagerState, SandboxRecord  # noqa: E402
+from manager.state import BUSY, HeldWorkerLease, ManagerState, SandboxRecord  # noqa: E402
 from placement.state import SYSTEM_RESERVED_MB, PlacementState  # noqa: E402
 from wire.errors import ServiceException  # noqa: E402
 
@@ -164,7 +164,7 @@ def simulate(trace: Trace, policy: str, capacity_mb: int | None, workers: int = 
                         lease_s=6 * 3600,
                     )
                     node = granted["node"]
-                    mgr.add_lease(LeaseRecord(f"L{seq}", node["node_id"], node["az"], node["node_id"],
+                    mgr.add_lease(HeldWorkerLease(f"L{seq}", node["node_id"], node["az"], node["node_id"],
                                               granted["lease"]["memory_mb"], granted["lease"]["expires_at"]), t)
                 except ServiceException:
                     pass  # no host has room: stack where we can, or fail below

@@ -6,44 +6,43 @@ give credits back, the replica that proposed it pushes a revision to those front
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from counting.state import Ledger
-from nodes.runtime import Runtime
+from wire.host import Host
 from wire import messages as m
-from wire.errors import FlintError, PeerUnavailable, ServiceException
+from wire.errors import FlintError, PeerUnavailable, Reason, ServiceException, error_fields
 from wire.raft import RaftGroup
-from wire.sockets import Request
+from wire.server import Request
+from wire.tasks import Background
 
 log = structlog.get_logger("counting")
 
 
 class CountingService:
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self._background: set[asyncio.Task] = set()
+    def __init__(self, host: Host):
+        self.host = host
+        self._background = Background("counting")
 
     @property
     def group(self) -> RaftGroup:
         """This node's counting replica; it can be removed at run time, so it is looked up per request."""
-        group = self.rt.groups.get("counting")
+        group = self.host.groups.get("counting")
         if group is None:
-            raise PeerUnavailable(f"node {self.rt.node_id} holds no counting replica", reason="NotAReplica")
+            raise PeerUnavailable(f"node {self.host.node_id} holds no counting replica", reason=Reason.NOT_A_REPLICA)
         return group
 
     async def run(self) -> None:
-        server = self.rt.server(
+        server = self.host.server(
             "counting",
             {
-                m.LeaseCredits: self.rt.at_leader("counting", "counting", self.lease),
-                m.ReleaseLease: self.rt.at_leader("counting", "counting", self.release_lease),
-                m.SetLimit: self.rt.at_leader("counting", "counting", self.set_limit),
-                m.SetReserved: self.rt.at_leader("counting", "counting", self.set_reserved),
+                m.LeaseCredits: self.host.at_leader("counting", "counting", self.lease),
+                m.ReleaseCreditLease: self.host.at_leader("counting", "counting", self.release_lease),
+                m.SetLimit: self.host.at_leader("counting", "counting", self.set_limit),
+                m.SetReserved: self.host.at_leader("counting", "counting", self.set_reserved),
                 m.CountingStatus: self.status,
                 m.CountingMembers: self.members,
-                m.ChangeMembers: self.rt.at_leader("counting", "counting", self.change_members),
+                m.ChangeMembers: self.host.at_leader("counting", "counting", self.change_members),
             },
         )
         await server.serve()
@@ -51,57 +50,58 @@ class CountingService:
     async def _commit(self, req: Request, op: str, args: dict) -> dict:
         return await self.group.submit(op, args, request_id=req.id, timeout_s=req.remaining_s(3))
 
-    async def lease(self, req: Request) -> dict:
+    async def lease(self, req: Request) -> m.CreditGrant:
         grant = await self._commit(req, "lease", req.msg.to_fields())
-        self._push(grant.get("revise", ()), req.msg.tenant)
-        return grant
+        self._push(grant.pop("revise", ()), req.msg.tenant)
+        return m.CreditGrant.from_fields(grant)
 
-    async def release_lease(self, req: Request) -> dict:
-        return await self._commit(req, "release", {"lease_id": req.msg.lease_id, "in_use": req.msg.in_use})
+    async def release_lease(self, req: Request) -> m.Released:
+        out = await self._commit(req, "release", {"lease_id": req.msg.lease_id, "in_use": req.msg.in_use})
+        return m.Released(released=out["released"])
 
-    async def set_limit(self, req: Request) -> dict:
+    async def set_limit(self, req: Request) -> m.LimitSet:
         out = await self._commit(req, "set_limit", {"tenant": req.msg.tenant, "limit": req.msg.limit})
         self._push(out["revise"], req.msg.tenant)
         log.info("counting.limit_set", tenant=req.msg.tenant, limit=req.msg.limit)
-        return {"limit": out["limit"]}
+        return m.LimitSet(limit=out["limit"])
 
-    async def set_reserved(self, req: Request) -> dict:
+    async def set_reserved(self, req: Request) -> m.ReservedSet:
         msg = req.msg
         out = await self._commit(req, "set_reserved",
                                  {"tenant": msg.tenant, "function": msg.function, "reserved": msg.reserved})
         self._push(out["revise"], msg.tenant)
         log.info("counting.reserved_set", tenant=msg.tenant, function=msg.function, reserved=msg.reserved)
-        return {"reserved": out["reserved"]}
+        return m.ReservedSet(reserved=out["reserved"])
 
-    async def status(self, req: Request) -> dict:
-        now = self.rt.now()
+    async def status(self, req: Request) -> m.CountingStatusReply:
+        now = self.host.now()
         with self.group.machine.read() as ledger:
             ledger: Ledger
             tenants = [req.msg.tenant] if req.msg.tenant else sorted(
                 set(ledger.limits) | set(ledger.reserved) | {lease.tenant for lease in ledger.leases.values()}
             )
             leases = [
-                {
-                    "lease_id": lease.lease_id, "holder": lease.holder, "tenant": lease.tenant,
-                    "pool": lease.pool or "(unreserved)", "credits": lease.credits, "in_use": lease.in_use,
-                    "demand": lease.demand, "target": lease.target,
-                    "expires_in_s": round(lease.expires_at - now, 2), "free_in_s": round(lease.free_at - now, 2),
-                }
+                m.CreditLeaseView(
+                    lease_id=lease.lease_id, holder=lease.holder, tenant=lease.tenant,
+                    pool=lease.pool or "(unreserved)", credits=lease.credits, in_use=lease.in_use,
+                    demand=lease.demand, target=lease.target,
+                    expires_in_s=round(lease.expires_at - now, 2), free_in_s=round(lease.free_at - now, 2),
+                )
                 for lease in ledger.leases.values()
                 if lease.tenant in tenants and lease.free_at > now
             ]
-            return {
-                "tenants": {t: ledger.tenant_view(t, now) for t in tenants},
-                "lease_details": leases,
-                "leases": len(ledger.leases),
-                "digest": ledger.digest(),
-                "raft": self.group.status(),
-            }
+            return m.CountingStatusReply(
+                tenants={t: m.TenantConcurrency.from_fields(ledger.tenant_view(t, now)) for t in tenants},
+                lease_details=tuple(leases),
+                leases=len(ledger.leases),
+                digest=ledger.digest(),
+                raft=self.group.status(),
+            )
 
-    async def members(self, req: Request) -> dict:
-        return {"members": self.group.members(), "self": self.group.config.self_address}
+    async def members(self, req: Request) -> m.Members:
+        return _members(self.group.members(), self.group.config.self_address)
 
-    async def change_members(self, req: Request) -> dict:
+    async def change_members(self, req: Request) -> m.Members:
         """Runs at the leader. Removing the leader itself first hands leadership to a caught-up follower."""
         group = self.group
         action, address = req.msg.action, req.msg.address
@@ -112,21 +112,22 @@ class CountingService:
             leader = group.leader_host()
             if leader is None:
                 raise ServiceException("no other counting leader to hand over to; retry in a moment")
-            resp = await self.rt.pool.call(self.rt.config.endpoint("counting", leader), req.msg,
-                                           request_id=f"{req.id}~", timeout_s=req.remaining_s(10))
-            return resp.fields
+            return await self.host.pool.call(self.host.config.endpoint("counting", leader), req.msg,
+                                             request_id=f"{req.id}~", timeout_s=req.remaining_s(10))
         await group.change(action, address, timeout_s=req.remaining_s(10))
         log.info("counting.members_changed", action=action, member=address)
-        return {"members": group.members()}
+        return _members(group.members())
 
     def _push(self, endpoints, tenant: str) -> None:
         for endpoint in endpoints:
-            task = asyncio.get_running_loop().create_task(self._revise(endpoint, tenant))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self._revise(endpoint, tenant), name="counting-revise")
 
     async def _revise(self, endpoint: str, tenant: str) -> None:
         try:
-            await self.rt.pool.call(endpoint, m.Revise(tenant=tenant), timeout_s=1.0)
-        except FlintError:
-            pass  # a holder that cannot hear us renews on its own within half a lease
+            await self.host.pool.call(endpoint, m.Revise(tenant=tenant), timeout_s=1.0)
+        except FlintError as err:  # a holder that cannot hear us renews on its own within half a lease
+            log.info("counting.revise_unheard", holder=endpoint, tenant=tenant, **error_fields(err))
+
+
+def _members(members: list[dict], address: str | None = None) -> m.Members:
+    return m.Members(members=tuple(m.Member.from_fields(x) for x in members), address=address)

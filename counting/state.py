@@ -21,18 +21,14 @@ import hashlib
 import math
 from typing import Any
 
+from wire.config import DEFAULTS
 from wire.errors import InvalidParameterValueException, ResourceNotFoundException
 
-DEFAULT_TENANT_LIMIT = 1000
-DEFAULT_UNRESERVED_MIN = 100
-# An execution admitted under a lease may first wait for a cold start (code fetch, runtime init: the worker
-# allows 10 s of init) before its own timeout starts; the frontend never starts one later than this after admission.
-COLD_START_ALLOWANCE_S = 12.0
 UNRESERVED = ""
 
 
 @dataclasses.dataclass
-class Lease:
+class CreditLease:
     lease_id: str
     holder: str  # the frontend that holds it
     endpoint: str  # where revisions are pushed
@@ -53,16 +49,16 @@ class Lease:
 class Ledger:
     def __init__(
         self,
-        default_limit: int = DEFAULT_TENANT_LIMIT,
-        unreserved_min: int = DEFAULT_UNRESERVED_MIN,
-        cold_start_allowance_s: float = COLD_START_ALLOWANCE_S,
+        default_limit: int = DEFAULTS.default_tenant_limit,
+        unreserved_min: int = DEFAULTS.unreserved_min,
+        cold_start_allowance_s: float = DEFAULTS.cold_start_allowance_s,
     ):
         self.default_limit = default_limit
         self.unreserved_min = unreserved_min
         self.cold_start_allowance_s = cold_start_allowance_s
         self.limits: dict[str, int] = {}
         self.reserved: dict[str, dict[str, int]] = {}
-        self.leases: dict[str, Lease] = {}
+        self.leases: dict[str, CreditLease] = {}
 
     # --- reads ---------------------------------------------------------------------------------------------------
 
@@ -78,7 +74,7 @@ class Ledger:
             return reserved.get(pool, 0)
         return max(0, self.limit(tenant) - sum(reserved.values()))
 
-    def pool_leases(self, tenant: str, pool: str) -> list[Lease]:
+    def pool_leases(self, tenant: str, pool: str) -> list[CreditLease]:
         return [lease for lease in self.leases.values() if lease.tenant == tenant and lease.pool == pool]
 
     def held(self, tenant: str, pool: str, now: float) -> int:
@@ -151,7 +147,7 @@ class Ledger:
                 grow = min(grow, max(0, self._fair_share(tenant, pool, cap, lease_id, now) - current))
             credits = current + grow
         if lease is None:
-            lease = Lease(lease_id, holder, endpoint, tenant, pool, credits, in_use, 0.0, 0.0, 0.0)
+            lease = CreditLease(lease_id, holder, endpoint, tenant, pool, credits, in_use, 0.0, 0.0, 0.0)
             self.leases[lease_id] = lease
         lease.credits = credits
         lease.in_use = in_use
@@ -241,7 +237,7 @@ class Ledger:
         for lease_id in [i for i, lease in self.leases.items() if lease.free_at <= now]:
             del self.leases[lease_id]
 
-    def _active(self, tenant: str, pool: str, now: float, include: str) -> list[Lease]:
+    def _active(self, tenant: str, pool: str, now: float, include: str) -> list[CreditLease]:
         return [
             lease for lease in self.pool_leases(tenant, pool)
             if lease.lease_id == include or (lease.expires_at > now and (lease.demand > 0 or lease.in_use > 0))
@@ -282,3 +278,10 @@ class Ledger:
                 if lease.endpoint not in endpoints:
                     endpoints.append(lease.endpoint)
         return endpoints
+
+Ledger.COMMANDS = {
+    "lease": Ledger.cmd_lease,
+    "release": Ledger.cmd_release,
+    "set_limit": Ledger.cmd_set_limit,
+    "set_reserved": Ledger.cmd_set_reserved,
+}

@@ -27,9 +27,9 @@ import uvloop
 from frontend.client import FrontendClient
 from registry.package import zip_directory
 from wire import messages as m
-from wire.errors import FlintError, PeerUnavailable, TooManyRequestsException
+from wire.errors import FlintError, PeerUnavailable, Reason, TooManyRequestsException
 from wire.keys import KeyPair
-from wire.sockets import new_request_id
+from wire.ids import new_request_id
 
 DEFAULT_REGION_DIR = Path(os.environ.get("FLINT_REGION", Path.home() / ".flint" / "region"))
 
@@ -89,8 +89,8 @@ def _key_file(cfg: ClientConfig, key_file: Path | str | None, operator: bool) ->
 # frontend was lost (the retry keeps the request id, and the function's manager starts a request id once only:
 # if the lost frontend had started it, the retry gets ServiceException AlreadyStarted instead).
 SAFE_RETRY_REASONS = frozenset({
-    "NotSent", "ConnectionLost",
-    "NoRoute", "NoManager", "NoHealthyWorker", "NoCapacity", "WorkerUnreachable", "WorkerFull", "AdmissionExpired",
+    Reason.NOT_SENT, Reason.CONNECTION_LOST, Reason.NO_ROUTE, Reason.NO_MANAGER, Reason.NO_HEALTHY_WORKER,
+    Reason.NO_CAPACITY, Reason.WORKER_UNREACHABLE, Reason.WORKER_FULL, Reason.ADMISSION_EXPIRED,
 })
 
 
@@ -98,7 +98,7 @@ def _safe_to_retry(msg: m.Message, err: FlintError) -> bool:
     """Every retryable error is retried, except where a RequestResponse invoke may be running or have run (its
     host lost mid-invoke, no answer in time): the caller decides. An Event is safe (its request id makes a second
     accept the same event), and so is a throttle (nothing ran)."""
-    if not isinstance(msg, m.Invoke) or msg.invocation_type != "RequestResponse":
+    if not isinstance(msg, m.Invoke) or msg.invocation_type != m.InvocationType.REQUEST_RESPONSE:
         return True
     return isinstance(err, TooManyRequestsException) or err.reason in SAFE_RETRY_REASONS
 
@@ -123,12 +123,12 @@ class AsyncClient:
         return cls(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(_key_file(cfg, key_file, operator)),
                    **kw)
 
-    async def _call(self, msg: m.Message, payload: bytes | None = None, *, timeout_s: float | None = None):
+    async def _call(self, msg: m.Message, *, timeout_s: float | None = None) -> Any:
         attempt = 0
         request_id = new_request_id()  # one id for every retry: an Event accepted twice is one event
         while True:
             try:
-                return await self.frontend.call(msg, payload, timeout_s=timeout_s, request_id=request_id)
+                return await self.frontend.call(msg, timeout_s=timeout_s, request_id=request_id)
             except FlintError as err:
                 if not err.retryable or attempt >= self.retries or not _safe_to_retry(msg, err):
                     raise
@@ -148,26 +148,25 @@ class AsyncClient:
         body = payload if isinstance(payload, (bytes, bytearray)) or payload is None else json.dumps(payload).encode()
         try:
             resp = await self._call(
-                m.Invoke(function=function, qualifier=qualifier, invocation_type=invocation_type, log_tail=log_tail),
-                bytes(body) if body is not None else None,
+                m.Invoke(function=function, qualifier=qualifier, invocation_type=invocation_type, log_tail=log_tail,
+                         payload=bytes(body) if body is not None else None),
                 timeout_s=timeout_s,
             )
         except PeerUnavailable as err:
-            if err.reason != "Timeout" or invocation_type != "RequestResponse":
+            if err.reason != Reason.TIMEOUT or invocation_type != m.InvocationType.REQUEST_RESPONSE:
                 raise
             raise PeerUnavailable(
                 f"{err.message}. The function may still be running (it is not retried, so it runs at most once "
                 "from this call); if its timeout is longer than this client's, wait longer: timeout_s= here, "
-                "--read-timeout-s with flint invoke.", reason="Timeout") from None
-        f = resp.fields
+                "--read-timeout-s with flint invoke.", reason=Reason.TIMEOUT) from None
         return InvokeResult(
-            status_code=f.get("status_code", 200),
+            status_code=resp.status_code,
             payload=resp.payload or b"",
-            request_id=f.get("request_id", ""),
-            function_error=f.get("function_error"),
-            log_tail=f.get("log_tail"),
-            executed_version=f.get("executed_version"),
-            cold_start=bool(f.get("cold_start")),
+            request_id=resp.request_id,
+            function_error=resp.function_error,
+            log_tail=resp.log_tail,
+            executed_version=resp.executed_version,
+            cold_start=resp.cold_start,
         )
 
     async def create_function(
@@ -182,98 +181,112 @@ class AsyncClient:
         runtime: str = "python3",
         network: bool = False,
     ) -> dict[str, Any]:
-        data = _code_bytes(code)
-        resp = await self._call(
+        reply = await self._call(
             m.CreateFunction(
                 name=name, handler=handler, memory_mb=memory_mb, timeout_s=timeout_s, environment=environment or {},
-                runtime=runtime, network=network,
+                runtime=runtime, network=network, code=_code_bytes(code),
             ),
-            data,
         )
-        return resp.fields["config"]
+        return _function(reply)
 
     async def get_function(self, name: str) -> dict[str, Any]:
-        return (await self._call(m.GetFunction(name=name))).fields["config"]
+        return _function(await self._call(m.GetFunction(name=name)))
 
     async def list_functions(self) -> list[dict[str, Any]]:
-        return (await self._call(m.ListFunctions())).fields["functions"]
+        return [_public(f) for f in (await self._call(m.ListFunctions())).functions]
 
     async def delete_function(self, name: str) -> None:
         await self._call(m.DeleteFunction(name=name))
 
     async def update_function_code(self, name: str, *, code: Path | str | bytes) -> dict[str, Any]:
-        return (await self._call(m.UpdateFunctionCode(name=name), _code_bytes(code))).fields["config"]
+        return _function(await self._call(m.UpdateFunctionCode(name=name, code=_code_bytes(code))))
 
     async def update_function_configuration(self, name: str, **changes: Any) -> dict[str, Any]:
         """Change handler, runtime, memory_mb, timeout_s, environment, network, maximum_retry_attempts or
         maximum_event_age_s."""
-        return (await self._call(m.UpdateFunctionConfiguration(name=name, **changes))).fields["config"]
+        return _function(await self._call(m.UpdateFunctionConfiguration(name=name, **changes)))
 
     async def publish_version(self, name: str, description: str = "") -> dict[str, Any]:
-        return (await self._call(m.PublishVersion(name=name, description=description))).fields["config"]
+        return _function(await self._call(m.PublishVersion(name=name, description=description)))
 
     async def list_versions(self, name: str) -> list[dict[str, Any]]:
-        return (await self._call(m.ListVersions(name=name))).fields["versions"]
+        return [_public(f) for f in (await self._call(m.ListVersions(name=name))).functions]
 
     async def create_alias(self, name: str, alias: str, version: str, *, additional_version: str | None = None,
                            weight: float = 0.0) -> dict[str, Any]:
         msg = m.PutAlias(name=name, alias=alias, version=version, additional_version=additional_version,
                          weight=weight, create=True)
-        return (await self._call(msg)).fields["alias"]
+        return (await self._call(msg)).alias.to_fields()
 
     async def update_alias(self, name: str, alias: str, version: str, *, additional_version: str | None = None,
                            weight: float = 0.0) -> dict[str, Any]:
         msg = m.PutAlias(name=name, alias=alias, version=version, additional_version=additional_version,
                          weight=weight, create=False)
-        return (await self._call(msg)).fields["alias"]
+        return (await self._call(msg)).alias.to_fields()
 
     async def delete_alias(self, name: str, alias: str) -> None:
         await self._call(m.DeleteAlias(name=name, alias=alias))
 
     async def list_aliases(self, name: str) -> list[dict[str, Any]]:
-        return (await self._call(m.ListAliases(name=name))).fields["aliases"]
+        return [a.to_fields() for a in (await self._call(m.ListAliases(name=name))).aliases]
 
     async def list_events(self, state: str | None = None, limit: int = 100) -> dict[str, Any]:
-        return (await self._call(m.ListEvents(state=state, limit=limit))).fields
+        """{"events": [...], "counts": {state: n}}: the newest events first."""
+        return (await self._call(m.ListEvents(state=state, limit=limit))).to_fields()
 
     async def get_event(self, event_id: str) -> dict[str, Any]:
-        return (await self._call(m.GetEvent(event_id=event_id))).fields["event"]
+        return (await self._call(m.GetEvent(event_id=event_id))).event.to_fields()
 
     async def redrive_events(self, event_ids: list[str] | None = None) -> int:
         msg = m.RedriveEvents(event_ids=tuple(event_ids) if event_ids is not None else None)
-        return (await self._call(msg)).fields["redriven"]
+        return (await self._call(msg)).redriven
 
     # operator
     async def create_tenant(self, tenant: str, public_key: bytes | str) -> dict[str, Any]:
         key = public_key.decode() if isinstance(public_key, bytes) else public_key
-        return (await self._call(m.TenantCreate(tenant=tenant, public_key=key))).fields["tenant"]
+        return (await self._call(m.TenantCreate(tenant=tenant, public_key=key))).tenant.to_fields()
 
     async def add_tenant_key(self, tenant: str, public_key: bytes | str) -> dict[str, Any]:
         key = public_key.decode() if isinstance(public_key, bytes) else public_key
-        return (await self._call(m.TenantAddKey(tenant=tenant, public_key=key))).fields["tenant"]
+        return (await self._call(m.TenantAddKey(tenant=tenant, public_key=key))).tenant.to_fields()
 
     async def revoke_tenant_key(self, tenant: str, public_key: bytes | str) -> dict[str, Any]:
         key = public_key.decode() if isinstance(public_key, bytes) else public_key
-        return (await self._call(m.TenantRevokeKey(tenant=tenant, public_key=key))).fields["tenant"]
+        return (await self._call(m.TenantRevokeKey(tenant=tenant, public_key=key))).tenant.to_fields()
 
     async def list_tenants(self) -> dict[str, Any]:
-        return (await self._call(m.TenantList())).fields["tenants"]
+        """{tenant name: {tenant, keys, revoked, created_ms}}."""
+        return {t.tenant: t.to_fields() for t in (await self._call(m.TenantList())).tenants}
 
     async def tenant_limit(self, tenant: str, limit: int | None = None) -> dict[str, Any]:
-        return (await self._call(m.TenantLimit(tenant=tenant, limit=limit))).fields["view"]
+        return (await self._call(m.TenantLimit(tenant=tenant, limit=limit))).view.to_fields()
 
     async def put_function_concurrency(self, name: str, reserved: int) -> int:
         """Reserve `reserved` concurrent executions for the function (0 throttles it), out of the tenant's limit."""
-        return (await self._call(m.PutFunctionConcurrency(name=name, reserved=reserved))).fields["reserved_concurrency"]
+        return (await self._call(m.PutFunctionConcurrency(name=name, reserved=reserved))).reserved_concurrency
 
     async def delete_function_concurrency(self, name: str) -> None:
         await self._call(m.DeleteFunctionConcurrency(name=name))
 
     async def get_function_concurrency(self, name: str) -> dict[str, Any]:
-        return (await self._call(m.GetFunctionConcurrency(name=name))).fields
+        return (await self._call(m.GetFunctionConcurrency(name=name))).to_fields()
 
     def close(self) -> None:
         self.frontend.close()
+
+
+def _public(config: m.FunctionConfig) -> dict[str, Any]:
+    """A function record as its tenant sees it (their own tenant name left out)."""
+    out = config.to_fields()
+    out.pop("tenant", None)
+    return out
+
+
+def _function(reply: m.FunctionReply) -> dict[str, Any]:
+    out = _public(reply.config)
+    if reply.reserved_concurrency is not None:
+        out["reserved_concurrency"] = reply.reserved_concurrency
+    return out
 
 
 def _code_bytes(code: Path | str | bytes) -> bytes:

@@ -8,7 +8,7 @@ import zmq.asyncio
 
 from wire import messages as m
 from wire.keys import KeyPair
-from wire.sockets import ClientPool, Failover, Response
+from wire.client import ClientPool, Failover
 
 
 class FrontendClient:
@@ -27,17 +27,17 @@ class FrontendClient:
         self.failover = Failover(self.pool, endpoints)
         self.timeout_s = timeout_s
 
-    async def call(self, msg: m.Message, payload: bytes | None = None, *, timeout_s: float | None = None,
-                   request_id: str | None = None) -> Response:
+    async def call(self, msg: m.Message, *, timeout_s: float | None = None, request_id: str | None = None) -> Any:
+        """Send a request to a frontend and return its typed reply."""
         # an invoke that reached a frontend may have run: it is not silently sent to another one
         return await self.failover.call(
-            msg, payload, timeout_s=timeout_s or self.timeout_s, request_id=request_id,
+            msg, timeout_s=timeout_s or self.timeout_s, request_id=request_id,
             idempotent=not isinstance(msg, m.Invoke),
         )
 
-    async def invoke(self, function: str, payload: bytes | None, **options: Any) -> Response:
+    async def invoke(self, function: str, payload: bytes | None, **options: Any) -> m.InvokeResult:
         timeout_s = options.pop("timeout_s", None)
-        return await self.call(m.Invoke(function=function, **options), payload, timeout_s=timeout_s)
+        return await self.call(m.Invoke(function=function, payload=payload, **options), timeout_s=timeout_s)
 
     def close(self) -> None:
         self.pool.close()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+
+import structlog
 
 from wire import messages as m
-from wire.errors import FlintError
-from wire.sockets import ClientPool
+from wire.client import ClientPool
+from wire.errors import FlintError, error_fields
+
+log = structlog.get_logger("manager.client")
 
 RESERVE_TIMEOUT_S = 35.0  # a cold start may fetch code and init a runtime before the reservation comes back
+RELEASE_TIMEOUT_S = 2.0
 
 
 class ManagerClient:
@@ -19,24 +23,15 @@ class ManagerClient:
     async def reserve(
         self, endpoint: str, config: m.FunctionConfig, request_id: str, avoid_nodes: Iterable[str] = (),
         attempt: str | None = None,
-    ) -> dict[str, Any]:
-        resp = await self.pool.call(
-            endpoint,
-            m.Reserve(config=config, request_id=request_id, avoid_nodes=tuple(avoid_nodes), attempt=attempt),
-            timeout_s=RESERVE_TIMEOUT_S,
-        )
-        return resp.fields
+    ) -> m.Reservation:
+        msg = m.Reserve(config=config, request_id=request_id, avoid_nodes=tuple(avoid_nodes), attempt=attempt)
+        return await self.pool.call(endpoint, msg, timeout_s=RESERVE_TIMEOUT_S)
 
-    async def release(self, endpoint: str, *, function_key: str, sandbox_id: str, request_id: str, outcome: str) -> None:
+    async def release(self, endpoint: str, release: m.ManagerRelease) -> None:
         try:
-            await self.pool.call(
-                endpoint,
-                m.ManagerRelease(function_key=function_key, sandbox_id=sandbox_id, request_id=request_id, outcome=outcome),
-                timeout_s=2.0,
-            )
-        except FlintError:
-            pass  # the worker tells the manager too; a lost release costs at most one cold start
+            await self.pool.call(endpoint, release, timeout_s=RELEASE_TIMEOUT_S)
+        except FlintError as err:  # the worker tells the manager too; a lost release costs at most one cold start
+            log.info("manager.release_unheard", manager=endpoint, sandbox_id=release.sandbox_id, **error_fields(err))
 
-    async def status(self, endpoint: str) -> dict[str, Any]:
-        resp = await self.pool.call(endpoint, m.ManagerStatus(), timeout_s=2.0)
-        return resp.fields
+    async def status(self, endpoint: str) -> m.ManagerSummary:
+        return await self.pool.call(endpoint, m.ManagerStatus(), timeout_s=RELEASE_TIMEOUT_S)

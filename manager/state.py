@@ -11,7 +11,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-DEFAULT_KEEP_ALIVE_S = 600.0
+from wire.config import DEFAULTS
+from wire.messages import SandboxState
+
 DRAIN_MARGIN_S = 60.0  # no new sandbox on a lease this close to its expiry: it drains, then goes back
 IDLE_LEASE_RETURN_S = 300.0  # an empty lease nobody placed on for this long goes back to placement
 SHORT_IDLE_LEASE_RETURN_S = 5.0  # ... or for this long, where placement says its AZ is short of free capacity
@@ -19,7 +21,7 @@ SHORT_IDLE_LEASE_RETURN_S = 5.0  # ... or for this long, where placement says it
 STARTED_KEEP_S = 960.0  # how long a sync invoke's request id is remembered: past the longest function timeout
 STARTED_MAX = 200_000  # ... and how many (the oldest go first; beyond this a duplicate is no longer caught)
 
-IDLE, BUSY = "idle", "busy"
+IDLE, BUSY = SandboxState.IDLE, SandboxState.BUSY
 
 
 @dataclasses.dataclass
@@ -38,7 +40,7 @@ class SandboxRecord:
 
 
 @dataclasses.dataclass
-class LeaseRecord:
+class HeldWorkerLease:
     """Capacity on one worker, leased from placement until `expires_at`."""
 
     lease_id: str
@@ -61,13 +63,13 @@ class LeaseRecord:
 
 
 class ManagerState:
-    def __init__(self, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, drain_margin_s: float = DRAIN_MARGIN_S):
+    def __init__(self, keep_alive_s: float = DEFAULTS.keep_alive_s, drain_margin_s: float = DRAIN_MARGIN_S):
         self.keep_alive_s = keep_alive_s
         self.drain_margin_s = drain_margin_s
         self.sandboxes: dict[str, SandboxRecord] = {}
         self.pools: dict[str, dict[str, SandboxRecord]] = {}  # function key -> sandbox id -> record
         self.idle: dict[str, list[str]] = {}  # function key -> idle sandbox ids, most recently used last
-        self.leases: dict[str, LeaseRecord] = {}
+        self.leases: dict[str, HeldWorkerLease] = {}
         self.started: OrderedDict[str, tuple[str, float]] = OrderedDict()  # request id -> (attempt, when)
 
     # --- at most one start per request ----------------------------------------------------------------------------
@@ -134,7 +136,7 @@ class ManagerState:
 
     def place(
         self, function_key: str, memory_mb: int, now: float, avoid: Iterable[str] = (), spread: bool = True
-    ) -> LeaseRecord | None:
+    ) -> HeldWorkerLease | None:
         """Which leased capacity a new sandbox of this function goes on, or None: lease more first.
 
         A function with a sandbox already spreads to an AZ it is not in; with `spread` it waits for a lease
@@ -200,7 +202,7 @@ class ManagerState:
 
     # --- leases --------------------------------------------------------------------------------------------------
 
-    def add_lease(self, lease: LeaseRecord, now: float) -> None:
+    def add_lease(self, lease: HeldWorkerLease, now: float) -> None:
         if lease.lease_id not in self.leases:
             lease.last_placed = now
             self.leases[lease.lease_id] = lease
@@ -219,7 +221,7 @@ class ManagerState:
         for lease in self.leases.values():
             lease.draining = lease.node_id in node_ids
 
-    def leases_to_return(self, now: float, short_azs: Iterable[str] = ()) -> list[LeaseRecord]:
+    def leases_to_return(self, now: float, short_azs: Iterable[str] = ()) -> list[HeldWorkerLease]:
         """Empty leases that are draining toward expiry, or that nothing was placed on for a while: 5 minutes,
         or 5 s in an AZ where placement is short of free capacity."""
         short = set(short_azs)

@@ -21,12 +21,12 @@ import structlog
 import tomli_w
 import uvloop
 
-from nodes.config import RAFT_GROUPS, NodeConfig
-from nodes.runtime import Runtime
+from wire.config import RAFT_GROUPS, NodeConfig
+from wire.host import Host
 from wire import log as flog
 from wire import messages as m
 from wire.raft import GroupConfig, RaftGroup, cluster_password
-from wire.sockets import Request
+from wire.server import Request
 
 log = structlog.get_logger("node")
 
@@ -64,7 +64,7 @@ class RoleRunner:
 class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
-        self.rt: Runtime | None = None
+        self.host: Host | None = None
         self.roles: dict[str, RoleRunner] = {}
         self.started = time.time()
         self.exit_code = 0
@@ -74,10 +74,10 @@ class Node:
     async def run(self) -> int:
         c = self.config
         flog.bind(node=c.node_id, az=c.az)
-        self.rt = rt = Runtime(c)
-        rt.auth.start()
-        self._start_raft(rt)
-        self._plan_roles(rt)
+        self.host = host = Host(c)
+        host.auth.start()
+        self._start_raft(host)
+        self._plan_roles(host)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -88,7 +88,7 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        rt.close()
+        host.close()
         log.info("node.stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -118,12 +118,12 @@ class Node:
         self._hosting_file.parent.mkdir(parents=True, exist_ok=True)
         self._hosting_file.write_text(tomli_w.dumps(current))
 
-    def _start_raft(self, rt: Runtime) -> None:
+    def _start_raft(self, host: Host) -> None:
         for group, peers in self._raft_plan().items():
             if peers is not None:
-                self._start_group(rt, group, peers)
+                self._start_group(host, group, peers)
 
-    def _start_group(self, rt: Runtime, group: str, peers: list[str]) -> RaftGroup:
+    def _start_group(self, host: Host, group: str, peers: list[str]) -> RaftGroup:
         c = self.config
         from counting.state import Ledger
         from placement.state import PlacementState
@@ -141,15 +141,15 @@ class Node:
                                                 tick_interval_s=c.settings.heartbeat_interval_s),
         }
         cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir))
-        rt.groups[group] = RaftGroup(cfg, states[group]())
-        return rt.groups[group]
+        host.groups[group] = RaftGroup(cfg, states[group]())
+        return host.groups[group]
 
-    def _plan_roles(self, rt: Runtime) -> None:
+    def _plan_roles(self, host: Host) -> None:
         c = self.config
         plans: dict[str, Callable[[], Awaitable[None]]] = {"admin": self._admin, "agent": self._agent}
         if "control" in c.roles:
             plans["control"] = self._control
-        elif "counting" in rt.groups:
+        elif "counting" in host.groups:
             plans["counting"] = self._counting_only  # a counting replica added to a non-control node
         if "worker" in c.roles:
             plans["worker"] = self._worker
@@ -191,71 +191,71 @@ class Node:
         from placement.service import PlacementService
         from registry.service import RegistryService
 
-        rt = self.rt
-        assert rt is not None
+        host = self.host
+        assert host is not None
         await asyncio.gather(
-            RegistryService(rt, rt.groups["control"]).run(),
-            CountingService(rt).run(),
-            PlacementService(rt, rt.groups["placement"]).run(),
+            RegistryService(host, host.groups["control"]).run(),
+            CountingService(host).run(),
+            PlacementService(host, host.groups["placement"]).run(),
         )
 
     async def _counting_only(self) -> None:
         from counting.service import CountingService
 
-        assert self.rt is not None
-        await CountingService(self.rt).run()
+        assert self.host is not None
+        await CountingService(self.host).run()
 
     async def _worker(self) -> None:
         from worker.service import WorkerService
 
-        assert self.rt is not None
-        await WorkerService(self.rt).run()
+        assert self.host is not None
+        await WorkerService(self.host).run()
 
     async def _manager(self) -> None:
         from manager.service import ManagerService
 
-        assert self.rt is not None
-        await ManagerService(self.rt).run()
+        assert self.host is not None
+        await ManagerService(self.host).run()
 
     async def _frontend(self) -> None:
         from frontend.service import FrontendService
 
-        assert self.rt is not None
-        await FrontendService(self.rt).run()
+        assert self.host is not None
+        await FrontendService(self.host).run()
 
     async def _agent(self) -> None:
         from placement.agent import PlacementAgent
 
-        assert self.rt is not None
-        await PlacementAgent(self.rt).run()
+        assert self.host is not None
+        await PlacementAgent(self.host).run()
 
     async def _admin(self) -> None:
-        assert self.rt is not None
-        server = self.rt.server(
+        assert self.host is not None
+        server = self.host.server(
             "admin",
             {m.NodeStatus: self._status, m.InjectFault: self._inject, m.RaftJoin: self._raft_join,
              m.RaftLeave: self._raft_leave},
         )
         await server.serve()
 
-    async def _status(self, req: Request) -> dict:
-        assert self.rt is not None
+    async def _status(self, req: Request) -> m.NodeStatusReply:
+        assert self.host is not None
         c = self.config
-        return {
-            "node_id": c.node_id,
-            "az": c.az,
-            "address": c.address,
-            "roles": list(c.roles),
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
-            "role_states": {n: {"state": r.state, "restarts": len(r.restarts)} for n, r in self.roles.items()},
-            "raft": {name: g.status() for name, g in self.rt.groups.items()},
-            "isolation": self.rt.facts.get("isolation"),
-            "isolation_details": self.rt.facts.get("isolation_details"),
-            "sandboxes": self.rt.facts.get("sandboxes", 0),
-        }
+        return m.NodeStatusReply(
+            node_id=c.node_id,
+            az=c.az,
+            address=c.address,
+            roles=tuple(c.roles),
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started, 1),
+            role_states={n: m.RoleState(state=r.state, restarts=len(r.restarts)) for n, r in self.roles.items()},
+            raft={name: g.status() for name, g in self.host.groups.items()},
+            isolation=self.host.facts.isolation,
+            isolation_details=self.host.facts.isolation_details,
+            sandboxes=self.host.facts.sandboxes,
+        )
 
-    async def _inject(self, req: Request) -> dict:
+    async def _inject(self, req: Request) -> m.FaultInjected:
         runner = self.roles.get(req.msg.role)
         if runner is None:
             from wire.errors import ResourceNotFoundException
@@ -264,38 +264,37 @@ class Node:
         log.warning("fault.injected", role=req.msg.role, fault=req.msg.fault)
         # answer first: the crash may end the node, and the operator should still hear that it was injected
         asyncio.get_running_loop().call_later(0.05, runner.crash.set)
-        return {"role": req.msg.role, "fault": req.msg.fault, "in_s": 0.05}
+        return m.FaultInjected(role=req.msg.role, fault=req.msg.fault, in_s=0.05)
 
-
-    async def _raft_join(self, req: Request) -> dict:
-        rt = self.rt
-        assert rt is not None
+    async def _raft_join(self, req: Request) -> m.RaftJoined:
+        host = self.host
+        assert host is not None
         group = req.msg.group
-        if group in rt.groups:
+        if group in host.groups:
             from wire.errors import ResourceConflictException
 
             raise ResourceConflictException(f"node {self.config.node_id} already holds a {group} replica")
         peers = [p for p in req.msg.peers if p != self.config.raft_address(group)]
-        self._start_group(rt, group, peers)
+        self._start_group(host, group, peers)
         self._save_hosting(group, peers)
         if group == "counting" and "control" not in self.config.roles and "counting" not in self.roles:
             runner = RoleRunner("counting", self._counting_only)
             self.roles["counting"] = runner
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(runner)))
         log.info("raft.joined", group=group, peers=peers)
-        return {"address": self.config.raft_address(group)}
+        return m.RaftJoined(address=self.config.raft_address(group))
 
-    async def _raft_leave(self, req: Request) -> dict:
-        rt = self.rt
-        assert rt is not None
+    async def _raft_leave(self, req: Request) -> m.RaftLeft:
+        host = self.host
+        assert host is not None
         group = req.msg.group
-        replica = rt.groups.pop(group, None)
+        replica = host.groups.pop(group, None)
         if replica is not None:
             await asyncio.to_thread(replica.close)
             replica.erase()
         self._save_hosting(group, None)
         log.info("raft.left", group=group)
-        return {"left": replica is not None}
+        return m.RaftLeft(left=replica is not None)
 
 
 def main(config_path: str, *, log_level: str = "info") -> int:

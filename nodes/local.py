@@ -27,12 +27,12 @@ from typing import Any
 import tomli_w
 import zmq.asyncio
 
-from nodes.config import NodeConfig, Ports
+from wire.config import NodeConfig, Ports
 from wire import messages as m
 from wire.errors import FlintError
 from wire.keys import KeyPair
 from wire.raft import generate_secret
-from wire.sockets import ClientPool, Failover
+from wire.client import ClientPool, Failover
 
 DEFAULT_TENANT = "default"
 DEFAULT_BASE_IP = "127.77.0.1"
@@ -256,8 +256,9 @@ class Region:
                 if self.pid(node_id) is None:
                     return None
                 try:
-                    resp = await pool.call(configs[node_id].endpoint("admin"), m.NodeStatus(), timeout_s=timeout_s)
-                    return resp.fields
+                    status = await pool.call(configs[node_id].endpoint("admin"), m.NodeStatus(),
+                                             timeout_s=timeout_s)
+                    return status.to_fields()
                 except FlintError:
                     return None
 
@@ -266,8 +267,8 @@ class Region:
             any_config = next(iter(configs.values()))
             try:
                 fo = Failover(pool, any_config.control_endpoints("placement"))
-                resp = await fo.call(m.ListNodes(), timeout_s=timeout_s)
-                placement = {p["node_id"]: p for p in resp.fields["nodes"]}
+                listed = await fo.call(m.ListNodes(), timeout_s=timeout_s)
+                placement = {p.node_id: p.to_fields() for p in listed.nodes}
             except FlintError:
                 pass
             return {"nodes": nodes, "admin": dict(zip([n["node_id"] for n in nodes], admins)),
@@ -326,20 +327,19 @@ class Region:
             )
         )
 
-    def call(self, service: str, msg: m.Message, *, node: str | None = None, timeout_s: float = 10.0) -> dict:
-        """Operator call with the cluster key: to `service` on `node`, or on any control node."""
+    def call(self, service: str, msg: m.Message, *, node: str | None = None, timeout_s: float = 10.0) -> Any:
+        """Operator call with the cluster key: to `service` on `node`, or on any control node. Returns the
+        request's typed reply."""
 
-        async def go() -> dict:
+        async def go() -> Any:
             keys = self.cluster_keys()
             ctx = zmq.asyncio.Context()
             pool = ClientPool(ctx, keys, keys.public)
             try:
                 if node is not None:
-                    resp = await pool.call(self.config(node).endpoint(service), msg, timeout_s=timeout_s)
-                else:
-                    config = self.config(self.nodes()[0]["node_id"])
-                    resp = await Failover(pool, config.control_endpoints(service)).call(msg, timeout_s=timeout_s)
-                return resp.fields
+                    return await pool.call(self.config(node).endpoint(service), msg, timeout_s=timeout_s)
+                config = self.config(self.nodes()[0]["node_id"])
+                return await Failover(pool, config.control_endpoints(service)).call(msg, timeout_s=timeout_s)
             finally:
                 pool.close()
                 ctx.destroy(linger=0)
@@ -349,17 +349,16 @@ class Region:
     def ensure_tenant(self, tenant: str = DEFAULT_TENANT) -> None:
         """Register the operator's key and the default tenant's key with the registry (idempotent)."""
         operator = KeyPair.load(self.root / "keys" / "operator.key")
-        self.call("registry", m.RegistryUpdate(command="add_operator", args={"public_key": operator.public.decode()}))
+        self.call("registry", m.RegistryAddOperator(public_key=operator.public.decode()))
         key = KeyPair.load(self.root / "tenants" / f"{tenant}.key")
-        self.call("registry", m.CreateTenant(tenant=tenant, public_keys=(key.public.decode(),)))
-
+        self.call("registry", m.RegistryCreateTenant(tenant=tenant, public_keys=(key.public.decode(),)))
 
     # --- counting replicas ---------------------------------------------------------------------------------------
 
     def counting_members(self) -> list[dict[str, Any]]:
-        members = self.call("counting", m.CountingMembers(), timeout_s=3.0)["members"]
+        members = self.call("counting", m.CountingMembers(), timeout_s=3.0).members
         by_address = {self.config(n["node_id"]).raft_address("counting"): n["node_id"] for n in self.nodes()}
-        return [{**mb, "node": by_address.get(mb["address"], "?")} for mb in members]
+        return [{**mb.to_fields(), "node": by_address.get(mb.address, "?")} for mb in members]
 
     def counting_add(self, node_id: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Start a counting replica on `node_id` and add it to the group; returns when it has caught up."""
@@ -373,8 +372,8 @@ class Region:
         self.call("counting", m.ChangeMembers(action="add", address=address), timeout_s=15.0)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            status = self.call("admin", m.NodeStatus(), node=node_id)["raft"].get("counting", {})
-            if status.get("leader") and status.get("ready"):
+            status = self.call("admin", m.NodeStatus(), node=node_id).raft.get("counting")
+            if status is not None and status.leader and status.ready:
                 return self.counting_members()
             time.sleep(0.2)
         raise RegionError(f"the new replica on {node_id} did not catch up within {timeout_s:.0f}s")

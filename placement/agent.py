@@ -6,22 +6,22 @@ import asyncio
 
 import structlog
 
-from nodes.runtime import Runtime
+from wire.host import Host
 from placement.client import PlacementClient
 from wire import messages as m
-from wire.errors import FlintError, ResourceNotFoundException
+from wire.errors import FlintError, ResourceNotFoundException, error_fields
 
 log = structlog.get_logger("placement.agent")
 
 
 class PlacementAgent:
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self.client = PlacementClient(rt.control("placement"))
+    def __init__(self, host: Host):
+        self.host = host
+        self.client = PlacementClient(host.control("placement"))
         self.registered = False
 
     def node_info(self) -> m.NodeInfo:
-        c = self.rt.config
+        c = self.host.config
         return m.NodeInfo(
             node_id=c.node_id,
             az=c.az,
@@ -30,11 +30,11 @@ class PlacementAgent:
             ports=c.ports.as_dict(),
             memory_mb=c.memory_mb,
             cores=c.cores,
-            isolation=self.rt.facts.get("isolation", "none (no worker role)"),
+            isolation=self.host.facts.isolation,
         )
 
     async def run(self) -> None:
-        interval = self.rt.config.settings.heartbeat_interval_s
+        interval = self.host.config.settings.heartbeat_interval_s
         while True:
             try:
                 if not self.registered:
@@ -43,13 +43,13 @@ class PlacementAgent:
                     log.info("agent.registered")
                 else:
                     await self.client.heartbeat(
-                        self.rt.node_id,
-                        sandboxes=self.rt.facts.get("sandboxes", 0),
-                        memory_used_mb=self.rt.facts.get("sandbox_memory_mb", 0),
+                        self.host.node_id,
+                        sandboxes=self.host.facts.sandboxes,
+                        memory_used_mb=self.host.facts.sandbox_memory_mb,
                     )
             except ResourceNotFoundException:
                 self.registered = False
                 continue
             except FlintError as err:
-                log.warning("agent.heartbeat_failed", error=str(err))
+                log.warning("agent.heartbeat_failed", **error_fields(err))
             await asyncio.sleep(interval)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from wire import messages as m
-from wire.errors import FlintError
-from wire.sockets import Failover
+from wire.client import Failover
+from wire.errors import FlintError, error_fields
+from wire.transport import node_endpoint
 
 
 class PlacementClient:
@@ -16,42 +16,36 @@ class PlacementClient:
         self.fo = failover
 
     async def register(self, node: m.NodeInfo) -> int:
-        resp = await self.fo.call(m.Register(node=node), timeout_s=3.0)
-        return resp.fields["incarnation"]
+        return (await self.fo.call(m.Register(node=node), timeout_s=3.0)).incarnation
 
     async def heartbeat(self, node_id: str, sandboxes: int = 0, memory_used_mb: int = 0) -> int:
-        resp = await self.fo.call(
-            m.Heartbeat(node_id=node_id, sandboxes=sandboxes, memory_used_mb=memory_used_mb), timeout_s=1.5
-        )
-        return resp.fields["incarnation"]
+        msg = m.Heartbeat(node_id=node_id, sandboxes=sandboxes, memory_used_mb=memory_used_mb)
+        return (await self.fo.call(msg, timeout_s=1.5)).incarnation
 
-    async def list_nodes(self) -> list[dict[str, Any]]:
-        resp = await self.fo.call(m.ListNodes(), timeout_s=2.0)
-        return resp.fields["nodes"]
+    async def list_nodes(self) -> m.Nodes:
+        return await self.fo.call(m.ListNodes(), timeout_s=2.0)
 
     async def lease_worker(self, lease_id: str, manager: str, memory_mb: int, lease_s: float,
                            prefer_azs: Iterable[str] = (), avoid_nodes: Iterable[str] = (),
-                           timeout_s: float = 3.0) -> dict[str, Any]:
-        resp = await self.fo.call(
+                           timeout_s: float = 3.0) -> m.WorkerLeaseGrant:
+        return await self.fo.call(
             m.LeaseWorker(lease_id=lease_id, manager=manager, memory_mb=memory_mb, lease_s=lease_s,
                           prefer_azs=tuple(prefer_azs), avoid_nodes=tuple(avoid_nodes)),
             timeout_s=timeout_s,
         )
-        return resp.fields
 
     async def return_lease(self, lease_id: str) -> None:
-        await self.fo.call(m.ReturnLease(lease_id=lease_id), timeout_s=3.0)
+        await self.fo.call(m.ReturnWorkerLease(lease_id=lease_id), timeout_s=3.0)
 
-    async def list_leases(self, manager: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The live leases (of one manager, or all) and the region's headroom (PlacementState.headroom)."""
-        resp = await self.fo.call(m.ListLeases(manager=manager), timeout_s=2.0)
-        return resp.fields["leases"], resp.fields.get("headroom", {})
+    async def list_leases(self, manager: str | None = None) -> m.WorkerLeases:
+        """The live worker leases (of one manager, or all) and the region's headroom (PlacementState.headroom)."""
+        return await self.fo.call(m.ListWorkerLeases(manager=manager), timeout_s=2.0)
 
     async def report(self, node_id: str, ok: bool, incarnation: int | None = None) -> None:
         await self.fo.call(m.ReportOutcome(node_id=node_id, ok=ok, incarnation=incarnation), timeout_s=2.0)
 
-    async def drain(self, node_id: str, draining: bool = True) -> dict[str, Any]:
-        return (await self.fo.call(m.Drain(node_id=node_id, draining=draining))).fields
+    async def drain(self, node_id: str, draining: bool = True) -> m.Draining:
+        return await self.fo.call(m.Drain(node_id=node_id, draining=draining))
 
 
 class NodeView:
@@ -64,25 +58,26 @@ class NodeView:
     def __init__(self, client: PlacementClient, max_age_s: float = 0.5):
         self.client = client
         self.max_age_s = max_age_s
-        self.nodes: list[dict[str, Any]] = []
+        self.nodes: tuple[m.NodeView, ...] = ()
         self.fetched_at = 0.0
-        self.last_error: str | None = None
+        self.last_error: dict | None = None
 
-    async def refresh(self, force: bool = False) -> list[dict[str, Any]]:
+    async def refresh(self, force: bool = False) -> tuple[m.NodeView, ...]:
         if force or time.monotonic() - self.fetched_at > self.max_age_s:
             try:
-                self.nodes = await self.client.list_nodes()
+                self.nodes = (await self.client.list_nodes()).nodes
                 self.last_error = None
             except FlintError as err:
-                self.last_error = str(err)
+                self.last_error = error_fields(err)
             self.fetched_at = time.monotonic()
         return self.nodes
 
-    def healthy(self, role: str) -> list[dict[str, Any]]:
-        return [n for n in self.nodes if n["healthy"] and role in n["roles"]]
+    def healthy(self, role: str) -> list[m.NodeView]:
+        return [n for n in self.nodes if n.healthy and role in n.roles]
 
-    def by_id(self, node_id: str) -> dict[str, Any] | None:
-        return next((n for n in self.nodes if n["node_id"] == node_id), None)
+    def live_endpoints(self, role: str) -> set[str]:
+        """Where the live (heartbeating) nodes of `role` serve it."""
+        return {node_endpoint(n, role) for n in self.nodes if n.alive and role in n.roles}
 
     def azs(self) -> list[str]:
-        return sorted({n["az"] for n in self.nodes if "worker" in n["roles"]})
+        return sorted({n.az for n in self.nodes if m.Role.WORKER in n.roles})

@@ -20,16 +20,13 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from wire.config import DEFAULTS
 from wire.errors import ResourceConflictException, ResourceNotFoundException, ServiceException
 
-HEARTBEAT_INTERVAL_S = 0.5
-MISSED_HEARTBEATS = 3
-DEFAULT_LEASE_S = 6 * 3600.0
-DEFAULT_BLOCK_MB = 2048
 SYSTEM_RESERVED_MB = 512  # kept back on every host for the node itself
 SUSPECT_ERRORS, SUSPECT_WINDOW = 3, 10
 SUSPECT_MEMORY_S = 30.0  # a reported error counts this long: a suspect host with nothing on it is tried again
-HOLD_DOWN_S, HOLD_DOWN_MAX_S = 5.0, 120.0
+HOLD_DOWN_MAX_S = 120.0
 RETIRED_LEASES_KEPT = 100_000
 
 
@@ -85,10 +82,10 @@ class WorkerLease:
 class PlacementState:
     def __init__(
         self,
-        heartbeat_timeout_s: float = HEARTBEAT_INTERVAL_S * MISSED_HEARTBEATS,
-        hold_down_s: float = HOLD_DOWN_S,
+        heartbeat_timeout_s: float = DEFAULTS.heartbeat_interval_s * DEFAULTS.missed_heartbeats,
+        hold_down_s: float = DEFAULTS.hold_down_s,
         policy: str = "flint",
-        tick_interval_s: float = HEARTBEAT_INTERVAL_S,
+        tick_interval_s: float = DEFAULTS.heartbeat_interval_s,
     ):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.tick_interval_s = tick_interval_s  # the leader commits a tick this often while the group is up
@@ -216,10 +213,10 @@ class PlacementState:
         now: float,
         lease_id: str,
         manager: str,
-        memory_mb: int = DEFAULT_BLOCK_MB,
+        memory_mb: int = DEFAULTS.lease_block_mb,
         prefer_azs: Iterable[str] = (),
         avoid_nodes: Iterable[str] = (),
-        lease_s: float = DEFAULT_LEASE_S,
+        lease_s: float = DEFAULTS.worker_lease_s,
     ) -> dict[str, Any]:
         """Grant a lease on `memory_mb` of one worker's capacity to `manager`. Idempotent per lease id."""
         self._expire(now)
@@ -309,7 +306,7 @@ class PlacementState:
             for r in self.nodes.values() if self.can_lease(r.node_id, now)
         )
 
-    def headroom(self, now: float, reserve_mb: int = DEFAULT_BLOCK_MB) -> dict[str, Any]:
+    def headroom(self, now: float, reserve_mb: int = DEFAULTS.lease_block_mb) -> dict[str, Any]:
         """Whether a lease request can still be answered at once in every AZ that has workers: each needs one
         host with `reserve_mb` unleased. The AZs that cannot are `short`; managers then hand back their empty
         leases there at once instead of after IDLE_LEASE_RETURN_S, so capacity sitting unused under one
@@ -350,3 +347,13 @@ class PlacementState:
     def view(self, now: float) -> list[dict[str, Any]]:
         """Every known node with its health, for status tables and for managers and frontends to route by."""
         return [self._node_view(node_id, now) for node_id in sorted(self.nodes)]
+
+PlacementState.COMMANDS = {
+    "register": PlacementState.cmd_register,
+    "tick": PlacementState.cmd_tick,
+    "heartbeat": PlacementState.cmd_heartbeat,
+    "report": PlacementState.cmd_report,
+    "drain": PlacementState.cmd_drain,
+    "lease_worker": PlacementState.cmd_lease_worker,
+    "return_lease": PlacementState.cmd_return_lease,
+}

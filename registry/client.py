@@ -1,4 +1,9 @@
-"""How other services talk to the registry: any control node, failing over between them."""
+"""How other services talk to the registry: any control node, failing over between them.
+
+Changes are typed messages (wire.messages, `registry.*` and `events.*`): `command()` sends one and returns its
+typed reply; the reads below return what callers use. Queue writes go straight to the control leader when the
+caller knows where it is (a frontend on a control node), saving a forwarding hop.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,13 @@ from typing import Any
 
 from registry.package import sha256
 from wire import messages as m
-from wire.errors import PeerUnavailable, ServiceException
-from wire.sockets import Failover
+from wire.client import Failover
+from wire.errors import PeerUnavailable, Reason, ServiceException
+
+READ_TIMEOUT_S = 2.0
+BLOB_TIMEOUT_S = 30.0
+LEADER_TIMEOUT_S = 2.0
+QUEUE_WRITES = (m.EventsPut, m.EventsTake, m.EventsSettle, m.EventsRedrive)
 
 
 class RegistryClient:
@@ -17,64 +27,38 @@ class RegistryClient:
         # on a control node: where the control group's leader serves, so queue writes skip a forwarding hop
         self.leader_endpoint = leader_endpoint or (lambda: None)
 
-    async def create_function(self, config: m.FunctionConfig, *, request_id: str | None = None) -> dict[str, Any]:
-        resp = await self.fo.call(m.RegistryCreateFunction(config=config), request_id=request_id)
-        return resp.fields["config"]
+    async def command(self, msg: m.Message, *, request_id: str | None = None, timeout_s: float = 5.0) -> Any:
+        """A replicated change (or a read that must be current): its typed reply. Retries keep `request_id`, so
+        the change is applied at most once."""
+        leader = self.leader_endpoint() if isinstance(msg, QUEUE_WRITES) else None
+        if leader is not None:
+            try:
+                return await self.fo.pool.call(leader, msg, request_id=request_id,
+                                               timeout_s=min(timeout_s, LEADER_TIMEOUT_S))
+            except PeerUnavailable:
+                pass  # the leader just changed: any control node will do (same request id)
+        return await self.fo.call(msg, request_id=request_id, timeout_s=timeout_s)
 
-    async def get_function(self, tenant: str, name: str) -> dict[str, Any]:
-        resp = await self.fo.call(m.RegistryGetFunction(tenant=tenant, name=name), timeout_s=2.0)
-        return resp.fields["config"]
+    async def get_function(self, tenant: str, name: str) -> m.FunctionConfig:
+        return (await self.fo.call(m.RegistryGetFunction(tenant=tenant, name=name), timeout_s=READ_TIMEOUT_S)).config
 
-    async def list_functions(self, tenant: str | None) -> list[dict[str, Any]]:
-        resp = await self.fo.call(m.RegistryListFunctions(tenant=tenant), timeout_s=2.0)
-        return resp.fields["functions"]
+    async def list_functions(self, tenant: str | None) -> tuple[m.FunctionConfig, ...]:
+        return (await self.fo.call(m.RegistryListFunctions(tenant=tenant), timeout_s=READ_TIMEOUT_S)).functions
 
-    async def delete_function(self, tenant: str, name: str, *, request_id: str | None = None) -> None:
-        await self.fo.call(m.RegistryDeleteFunction(tenant=tenant, name=name), request_id=request_id)
+    async def resolve(self, tenant: str, name: str, qualifier: str | None = None) -> tuple[m.Choice, ...]:
+        msg = m.RegistryResolve(tenant=tenant, name=name, qualifier=qualifier)
+        return (await self.fo.call(msg, timeout_s=READ_TIMEOUT_S)).choices
+
+    async def principals(self) -> dict[str, str]:
+        return (await self.fo.call(m.RegistryPrincipals(), timeout_s=READ_TIMEOUT_S)).principals
 
     async def put_blob(self, data: bytes) -> str:
         digest = sha256(data)
-        await self.fo.call(m.PutBlob(sha256=digest), data, timeout_s=30.0)
+        await self.fo.call(m.PutBlob(sha256=digest, data=data), timeout_s=BLOB_TIMEOUT_S)
         return digest
 
     async def get_blob(self, digest: str) -> bytes:
-        resp = await self.fo.call(m.GetBlob(sha256=digest), timeout_s=30.0)
-        data = resp.payload or b""
+        data = (await self.fo.call(m.GetBlob(sha256=digest), timeout_s=BLOB_TIMEOUT_S)).data or b""
         if sha256(data) != digest:
-            raise ServiceException(f"code blob {digest[:12]}... arrived corrupted", reason="CodeCorrupted")
+            raise ServiceException(f"code blob {digest[:12]}... arrived corrupted", reason=Reason.CODE_CORRUPTED)
         return data
-
-    async def create_tenant(self, tenant: str, public_keys: list[str]) -> dict[str, Any]:
-        resp = await self.fo.call(m.CreateTenant(tenant=tenant, public_keys=tuple(public_keys)))
-        return resp.fields["tenant"]
-
-    async def list_tenants(self) -> dict[str, Any]:
-        resp = await self.fo.call(m.ListTenants(), timeout_s=2.0)
-        return resp.fields["tenants"]
-
-    async def update(self, command: str, *, request_id: str | None = None, **args: Any) -> Any:
-        """A replicated change to a function or a tenant (registry.state.RegistryState.cmd_<command>)."""
-        resp = await self.fo.call(m.RegistryUpdate(command=command, args=args), request_id=request_id)
-        return resp.fields["result"]
-
-    async def describe(self, tenant: str, name: str, qualifier: str | None = None, what: str = "resolve") -> Any:
-        resp = await self.fo.call(m.RegistryDescribe(tenant=tenant, name=name, qualifier=qualifier, what=what),
-                                  timeout_s=2.0)
-        return resp.fields.get("choices") or resp.fields.get("versions") or resp.fields.get("aliases") or []
-
-    async def principals(self) -> dict[str, str]:
-        resp = await self.fo.call(m.RegistryPrincipals(), timeout_s=2.0)
-        return resp.fields["principals"]
-
-    async def events(self, action: str, payload: bytes | None = None, *, request_id: str | None = None,
-                     timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
-        msg = m.RegistryEvents(action=action, args=args)
-        leader = self.leader_endpoint() if action in ("put", "take", "settle", "redrive") else None
-        if leader is not None:
-            try:
-                return (await self.fo.pool.call(leader, msg, payload, request_id=request_id,
-                                                timeout_s=min(timeout_s, 2.0))).fields
-            except PeerUnavailable:
-                pass  # the leader just changed: any control node will do (same request id)
-        resp = await self.fo.call(msg, payload, request_id=request_id, timeout_s=timeout_s)
-        return resp.fields

@@ -1,162 +1,146 @@
-"""Registry service: function metadata through the `control` Raft group, code blobs on the control nodes."""
+"""Registry service: function metadata and the async event queue through the `control` Raft group, code blobs on
+the control nodes.
+
+Every change is a typed message (wire.messages) that maps to one replicated command of `ControlState` (the
+`COMMANDS` table below: which command, and how its result becomes the typed reply).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import structlog
 
-from nodes.runtime import Runtime
 from registry.blobs import BlobStore
-from registry.state import RegistryState
+from registry.events import EventQueue
+from registry.state import ControlState
 from wire import messages as m
-from wire.errors import FlintError, PeerUnavailable, ResourceNotFoundException, ServiceException
+from wire.errors import FlintError, PeerUnavailable, Reason, ResourceNotFoundException, ServiceException
+from wire.host import Host
+from wire.ids import new_request_id
 from wire.raft import RaftGroup
-from wire.sockets import Reply, Request, new_request_id
+from wire.server import Handler, Request
+from wire.tasks import Background
 
 log = structlog.get_logger("registry")
 
 GROUP_COMMIT_S = 0.001  # an accept waits at most this long for others to share its commit
 GROUP_COMMIT_MAX = 128
+BLOB_COPY_TIMEOUT_S = 10.0
+
+
+def _function(record: dict) -> m.FunctionReply:
+    return m.FunctionReply(config=m.FunctionConfig.from_fields(record))
+
+
+def _tenant(view: dict) -> m.TenantReply:
+    return m.TenantReply(tenant=m.TenantView.from_fields(view))
+
+
+def _events(views: list[dict]) -> tuple[m.EventView, ...]:
+    return tuple(m.EventView.from_fields(v) for v in views)
+
+
+# request type -> (the ControlState command it commits, how that command's result becomes the reply)
+COMMANDS: dict[type[m.Message], tuple[str, Callable[[Any], m.Message]]] = {
+    m.RegistryDeleteFunction: ("delete_function", lambda _: m.Empty()),
+    m.RegistryUpdateCode: ("update_code", _function),
+    m.RegistryUpdateConfig: ("update_config", _function),
+    m.RegistryPublishVersion: ("publish_version", _function),
+    m.RegistryPutAlias: ("put_alias", lambda alias: m.AliasReply(alias=m.AliasView.from_fields(alias))),
+    m.RegistryDeleteAlias: ("delete_alias", lambda _: m.Empty()),
+    m.RegistryCreateTenant: ("create_tenant", _tenant),
+    m.RegistryAddKey: ("add_key", _tenant),
+    m.RegistryRevokeKey: ("revoke_key", _tenant),
+    m.RegistryAddOperator: ("add_operator", lambda keys: m.Operators(operators=tuple(keys))),
+    m.EventsTake: ("events_take", lambda views: m.TakenEvents(events=_events(views))),
+    m.EventsSettle: ("events_settle", lambda out: m.SettledEvents(results=tuple(m.Settled.from_fields(r)
+                                                                                 for r in out))),
+    m.EventsRedrive: ("events_redrive", lambda n: m.Redriven(redriven=n)),
+}
 
 
 class RegistryService:
-    def __init__(self, rt: Runtime, group: RaftGroup):
-        self.rt = rt
+    def __init__(self, host: Host, group: RaftGroup):
+        self.host = host
         self.group = group
-        self.blobs = BlobStore(rt.config.data_dir / "blobs")
-        self._batch: list = []
-        self._events_at_leader = rt.at_leader("control", "registry", self._events_here)
+        self.blobs = BlobStore(host.config.data_dir / "blobs")
+        self._batch: list[tuple[dict, asyncio.Future]] = []
+        self._background = Background("registry")
 
     async def run(self) -> None:
         # Writes commit at the leader. Reads a tenant or operator makes are served there too, so whoever just
         # changed something sees the change, whichever node they ask next (a follower applies a commit a moment
         # after the leader acknowledged it). Only when the leader cannot be reached does this replica answer.
-        at_leader = lambda handler: self.rt.at_leader("control", "registry", handler)  # noqa: E731
-        server = self.rt.server(
-            "registry",
-            {
-                m.RegistryCreateFunction: at_leader(self.create_function),
-                m.RegistryGetFunction: at_leader(self.get_function),
-                m.RegistryListFunctions: at_leader(self.list_functions),
-                m.RegistryDeleteFunction: at_leader(self.delete_function),
-                m.PutBlob: self.put_blob,
-                m.GetBlob: self.get_blob,
-                m.CreateTenant: at_leader(self.create_tenant),
-                m.ListTenants: at_leader(self.list_tenants),
-                m.RegistryUpdate: at_leader(self.update),
-                m.RegistryDescribe: at_leader(self.describe),
-                m.RegistryPrincipals: at_leader(self.principals),  # ZAP's key map: a revocation counts at once
-                m.RegistryEvents: self.events,
-            },
-        )
-        await server.serve()
+        def at_leader(handler: Handler) -> Handler:
+            return self.host.at_leader("control", "registry", handler)
 
-    async def create_function(self, req: Request) -> dict:
+        handlers: dict[type[m.Message], Handler] = {cls: at_leader(self.command) for cls in COMMANDS}
+        handlers.update({
+            m.RegistryCreateFunction: at_leader(self.create_function),
+            m.RegistryGetFunction: at_leader(self.get_function),
+            m.RegistryListFunctions: at_leader(self.list_functions),
+            m.RegistryResolve: at_leader(self.resolve),
+            m.RegistryListVersions: at_leader(self.list_versions),
+            m.RegistryListAliases: at_leader(self.list_aliases),
+            m.RegistryListTenants: at_leader(self.list_tenants),
+            m.RegistryPrincipals: at_leader(self.principals),  # ZAP's key map: a revocation counts at once
+            m.EventsPut: at_leader(self.put_event),
+            m.EventsList: at_leader(self.list_events),  # a tenant's reads show an event's latest state at once
+            m.EventsGet: at_leader(self.get_event),
+            m.EventsVisible: self.events_visible,  # the pollers' scan: this replica is good enough
+            m.PutBlob: self.put_blob,
+            m.GetBlob: self.get_blob,
+        })
+        server = self.host.server("registry", handlers)
+        try:
+            await server.serve()
+        finally:
+            self._background.cancel()
+
+    # --- commands --------------------------------------------------------------------------------------------
+
+    async def _submit(self, req: Request, op: str, args: dict) -> Any:
+        return await self.group.submit(op, args, request_id=req.id, timeout_s=req.remaining_s(5))
+
+    async def command(self, req: Request) -> m.Message:
+        op, reply = COMMANDS[type(req.msg)]
+        result = await self._submit(req, op, req.msg.to_fields())
+        if not op.startswith("events_"):
+            log.info("registry.changed", command=op, function=getattr(req.msg, "name", None),
+                     tenant=getattr(req.msg, "tenant", None))
+        return reply(result)
+
+    async def create_function(self, req: Request) -> m.FunctionReply:
         config = req.msg.config
         if not self.blobs.has(config.code_sha256):
             await self._fetch_blob(config.code_sha256)
-        record = await self.group.submit(
-            "create_function", {"config": config.to_fields()}, request_id=req.id, timeout_s=req.remaining_s(5)
-        )
+        record = await self._submit(req, "create_function", {"config": config.to_fields()})
         log.info("function.created", tenant=config.tenant, function=config.name, code_sha256=config.code_sha256)
-        return {"config": record}
+        return _function(record)
 
-    async def get_function(self, req: Request) -> dict:
-        with self.group.machine.read() as state:
-            return {"config": state.get_function(req.msg.tenant, req.msg.name)}
-
-    async def list_functions(self, req: Request) -> dict:
-        with self.group.machine.read() as state:
-            return {"functions": state.list_functions(req.msg.tenant)}
-
-    async def delete_function(self, req: Request) -> dict:
-        await self.group.submit(
-            "delete_function",
-            {"tenant": req.msg.tenant, "name": req.msg.name},
-            request_id=req.id,
-            timeout_s=req.remaining_s(5),
-        )
-        log.info("function.deleted", tenant=req.msg.tenant, function=req.msg.name)
-        return {}
-
-    async def create_tenant(self, req: Request) -> dict:
-        record = await self.group.submit(
-            "create_tenant",
-            {"tenant": req.msg.tenant, "public_keys": list(req.msg.public_keys)},
-            request_id=req.id,
-            timeout_s=req.remaining_s(5),
-        )
-        return {"tenant": record}
-
-    async def list_tenants(self, req: Request) -> dict:
-        with self.group.machine.read() as state:
-            return {"tenants": state.list_tenants()}
-
-    async def update(self, req: Request) -> dict:
-        result = await self.group.submit(req.msg.command, dict(req.msg.args), request_id=req.id,
-                                         timeout_s=req.remaining_s(5))
-        log.info("registry.updated", command=req.msg.command, function=req.msg.args.get("name"),
-                 tenant=req.msg.args.get("tenant"))
-        return {"result": result}
-
-    async def describe(self, req: Request) -> dict:
-        msg = req.msg
-        with self.group.machine.read() as state:
-            if msg.what == "versions":
-                return {"versions": state.list_versions(msg.tenant, msg.name)}
-            if msg.what == "aliases":
-                return {"aliases": state.list_aliases(msg.tenant, msg.name)}
-            return {"choices": state.describe(msg.tenant, msg.name, msg.qualifier)}
-
-    async def principals(self, req: Request) -> dict:
-        with self.group.machine.read() as state:
-            return {"principals": state.principals()}
-
-    async def events(self, req: Request) -> dict | Reply:
-        """The async queue. Writes commit at the leader, and a tenant's reads (get, list) are answered there so
-        an event shows its latest state at once; the pollers' scans (visible, counts) use this replica."""
-        if req.msg.action in ("put", "take", "settle", "redrive", "get", "list"):
-            return await self._events_at_leader(req)
-        return await self._events_here(req)
-
-    async def _events_here(self, req: Request) -> dict:
-        op, args = req.msg.action, dict(req.msg.args)
-        if op == "put":
-            args["payload"] = req.payload or b""
-            return {"result": await self._put(args, req.remaining_s(5))}
-        if op in ("take", "settle", "redrive"):
-            return {"result": await self.group.submit(f"events_{op}", args, request_id=req.id,
-                                                      timeout_s=req.remaining_s(5))}
-        now = self.rt.now()
-        with self.group.machine.read() as state:
-            queue = state.events
-            if op == "visible":
-                return {"visible": queue.visible(now)}
-            if op == "list":
-                return {"events": queue.list(args["tenant"], args.get("state"), int(args.get("limit", 100))),
-                        "counts": queue.counts(args["tenant"])}
-            if op == "counts":
-                return {"counts": queue.counts(args.get("tenant"))}
-            return {"event": queue.get(args["tenant"], args["event_id"])}
-
-    async def _put(self, args: dict, timeout_s: float) -> dict:
+    async def put_event(self, req: Request) -> m.EventReply:
         """Group commit: accepts arriving together share one Raft command. The first waits GROUP_COMMIT_S for
         company; under load the batch fills while the previous commit is in flight."""
+        args = {**req.msg.to_fields(), "payload": req.msg.payload or b""}
         fut = asyncio.get_running_loop().create_future()
         self._batch.append((args, fut))
+        timeout_s = req.remaining_s(5)
         if len(self._batch) == 1:
-            asyncio.get_running_loop().call_later(GROUP_COMMIT_S, self._spawn_flush, timeout_s)
+            asyncio.get_running_loop().call_later(GROUP_COMMIT_S, self._flush_soon, timeout_s)
         elif len(self._batch) >= GROUP_COMMIT_MAX:
-            self._spawn_flush(timeout_s)
-        return await fut
+            self._flush_soon(timeout_s)
+        return m.EventReply(event=m.EventView.from_fields(await fut))
 
-    def _spawn_flush(self, timeout_s: float) -> None:
+    def _flush_soon(self, timeout_s: float) -> None:
         batch, self._batch = self._batch, []
         if batch:
-            asyncio.get_running_loop().create_task(self._flush(batch, timeout_s))
+            self._background.spawn(self._flush(batch, timeout_s), name="events-group-commit")
 
-    async def _flush(self, batch: list, timeout_s: float) -> None:
+    async def _flush(self, batch: list[tuple[dict, asyncio.Future]], timeout_s: float) -> None:
         try:
             results = await self.group.submit("events_put_many", {"items": [a for a, _ in batch]},
                                               request_id=new_request_id(), timeout_s=timeout_s)
@@ -169,46 +153,103 @@ class RegistryService:
             if not fut.done():
                 fut.set_result(result)
 
-    async def put_blob(self, req: Request) -> dict:
+    # --- reads -----------------------------------------------------------------------------------------------
+
+    async def get_function(self, req: Request) -> m.FunctionReply:
+        with self.group.machine.read() as state:
+            return _function(state.get_function(req.msg.tenant, req.msg.name))
+
+    async def list_functions(self, req: Request) -> m.FunctionList:
+        with self.group.machine.read() as state:
+            records = state.list_functions(req.msg.tenant)
+        return m.FunctionList(functions=tuple(m.FunctionConfig.from_fields(r) for r in records))
+
+    async def resolve(self, req: Request) -> m.Choices:
+        msg = req.msg
+        with self.group.machine.read() as state:
+            choices = state.describe(msg.tenant, msg.name, msg.qualifier)
+        return m.Choices(choices=tuple(m.Choice.from_fields(c) for c in choices))
+
+    async def list_versions(self, req: Request) -> m.FunctionList:
+        with self.group.machine.read() as state:
+            records = state.list_versions(req.msg.tenant, req.msg.name)
+        return m.FunctionList(functions=tuple(m.FunctionConfig.from_fields(r) for r in records))
+
+    async def list_aliases(self, req: Request) -> m.AliasList:
+        with self.group.machine.read() as state:
+            aliases = state.list_aliases(req.msg.tenant, req.msg.name)
+        return m.AliasList(aliases=tuple(m.AliasView.from_fields(a) for a in aliases))
+
+    async def list_tenants(self, req: Request) -> m.Tenants:
+        with self.group.machine.read() as state:
+            views = list(state.list_tenants().values())
+        return m.Tenants(tenants=tuple(m.TenantView.from_fields(v) for v in views))
+
+    async def principals(self, req: Request) -> m.Principals:
+        with self.group.machine.read() as state:
+            return m.Principals(principals=state.principals())
+
+    async def events_visible(self, req: Request) -> m.Visible:
+        with self._queue() as queue:
+            return m.Visible(visible=queue.visible(self.host.now()))
+
+    async def list_events(self, req: Request) -> m.EventList:
+        msg = req.msg
+        with self._queue() as queue:
+            return m.EventList(events=_events(queue.list(msg.tenant, msg.state, msg.limit)),
+                               counts=m.EventCounts.from_fields(queue.counts(msg.tenant)))
+
+    async def get_event(self, req: Request) -> m.EventReply:
+        with self._queue() as queue:
+            view = queue.get(req.msg.tenant, req.msg.event_id)
+        return m.EventReply(event=None if view is None else m.EventView.from_fields(view))
+
+    @contextmanager
+    def _queue(self) -> Iterator[EventQueue]:
+        with self.group.machine.read() as state:
+            state: ControlState
+            yield state.events
+
+    # --- code blobs ------------------------------------------------------------------------------------------
+
+    async def put_blob(self, req: Request) -> m.BlobStored:
         """Store a blob here and, unless this is itself a replica push, on a majority of control nodes."""
-        data = req.payload or b""
+        data = req.msg.data or b""
         await asyncio.to_thread(self.blobs.put, req.msg.sha256, data)
         if not req.msg.replicate:
-            return {"copies": 1}
-        peers = [e for e in self.rt.config.control_endpoints("registry")[1:]]
+            return m.BlobStored(copies=1)
+        peers = self.host.config.control_endpoints("registry")[1:]
         needed = (len(peers) + 1) // 2 + 1  # a majority of all control nodes, this one included
+        copy = m.PutBlob(sha256=req.msg.sha256, replicate=False, data=data)
         results = await asyncio.gather(
-            *(
-                self.rt.pool.call(e, m.PutBlob(sha256=req.msg.sha256, replicate=False), data, timeout_s=10)
-                for e in peers
-            ),
-            return_exceptions=True,
+            *(self.host.pool.call(e, copy, timeout_s=BLOB_COPY_TIMEOUT_S) for e in peers), return_exceptions=True,
         )
         copies = 1 + sum(1 for r in results if not isinstance(r, BaseException))
         if copies < needed:
             raise ServiceException(
                 f"code stored on only {copies} of {len(peers) + 1} control nodes; {needed} are needed. "
                 "Check that a majority of control nodes is up, then retry.",
-                reason="CodeNotReplicated",
+                reason=Reason.CODE_NOT_REPLICATED,
             )
-        return {"copies": copies}
+        return m.BlobStored(copies=copies)
 
-    async def get_blob(self, req: Request) -> Reply:
+    async def get_blob(self, req: Request) -> m.Blob:
         data = self.blobs.get(req.msg.sha256)
         if data is None:
             if req.msg.local_only:
                 raise ResourceNotFoundException(f"code blob {req.msg.sha256[:12]}... is not on this node")
             data = await self._fetch_blob(req.msg.sha256)
-        return Reply({"size": len(data)}, data)
+        return m.Blob(size=len(data), data=data)
 
     async def _fetch_blob(self, digest: str) -> bytes:
         """A control node that missed a replica push pulls the blob from a peer."""
-        for endpoint in self.rt.config.control_endpoints("registry")[1:]:
+        for endpoint in self.host.config.control_endpoints("registry")[1:]:
             try:
-                resp = await self.rt.pool.call(endpoint, m.GetBlob(sha256=digest, local_only=True), timeout_s=10)
+                blob = await self.host.pool.call(endpoint, m.GetBlob(sha256=digest, local_only=True),
+                                                 timeout_s=BLOB_COPY_TIMEOUT_S)
             except (PeerUnavailable, ResourceNotFoundException):
                 continue
-            if resp.payload is not None:
-                await asyncio.to_thread(self.blobs.put, digest, resp.payload)
-                return resp.payload
+            if blob.data is not None:
+                await asyncio.to_thread(self.blobs.put, digest, blob.data)
+                return blob.data
         raise ResourceNotFoundException(f"code blob {digest[:12]}... is not on any reachable control node")

@@ -2,27 +2,53 @@
 
 Code is not here: it is a content-addressed blob (sha256) kept by the control nodes' blob stores; a function
 record names its blob. The async event queue shares the group (`ControlState` at the bottom).
+
+Every rule about what a function's configuration may be lives here (`check_config`), and every command that
+makes or changes a configuration goes through it, whoever proposes it.
 """
 
 from __future__ import annotations
 
 import copy
-import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
+from registry.events import EventQueue
 from wire.errors import (
     InvalidParameterValueException,
     ResourceConflictException,
     ResourceNotFoundException,
 )
+from wire.messages import CONFIG_FIELDS, ENV_MAX_BYTES, EVENT_AGE_S_MAX, RETRIES_MAX, Runtime
 
 LATEST = "$LATEST"
-ASYNC_DEFAULTS = {"maximum_retry_attempts": 2, "maximum_event_age_s": 6 * 3600}
-CONFIG_FIELDS = ("handler", "runtime", "memory_mb", "timeout_s", "environment", "network",
-                 "maximum_retry_attempts", "maximum_event_age_s")
+ASYNC_DEFAULTS = {"maximum_retry_attempts": RETRIES_MAX, "maximum_event_age_s": EVENT_AGE_S_MAX}
+RESERVED_ENV_PREFIXES = ("AWS_", "FLINT_")
+RESERVED_ENV_NAMES = ("LAMBDA_TASK_ROOT",)
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """A function's configuration as a whole: its environment and its handler for its runtime. (Each field's
+    own type and range is checked where the message is decoded.)"""
+    env = config.get("environment") or {}
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in env.items())
+    if size > ENV_MAX_BYTES:
+        raise InvalidParameterValueException(
+            f"environment variables take {size} bytes; the limit is {ENV_MAX_BYTES} bytes"
+        )
+    for key in env:
+        if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
+            raise InvalidParameterValueException(f"environment variable name {key!r} is not valid")
+        if key.startswith(RESERVED_ENV_PREFIXES) or key in RESERVED_ENV_NAMES:
+            raise InvalidParameterValueException(f"environment variable {key} is reserved")
+    runtime, handler = config.get("runtime", Runtime.PYTHON3), config.get("handler", "")
+    if runtime == Runtime.PYTHON3 and "." not in handler:
+        raise InvalidParameterValueException(f"handler {handler!r} must be module.function for python3")
 
 
 class RegistryState:
+    COMMANDS: ClassVar[dict[str, Callable[..., Any]]]  # what a replicated command may name (set below)
+
     def __init__(self) -> None:
         # (tenant, name) -> {"latest": config, "versions": {"1": config}, "aliases": {...}, "published_sha": ...}
         self.functions: dict[tuple[str, str], dict[str, Any]] = {}
@@ -38,6 +64,7 @@ class RegistryState:
             raise ResourceConflictException(
                 f"Function already exist: {config['name']}. Update it, or delete it first."
             )
+        check_config(config)
         record = {**ASYNC_DEFAULTS, **config, "version": LATEST, "created_ms": int(now * 1000),
                   "last_modified_ms": int(now * 1000)}
         self.functions[key] = {"latest": record, "versions": {}, "aliases": {}, "next_version": 1}
@@ -53,6 +80,9 @@ class RegistryState:
         unknown = set(changes) - set(CONFIG_FIELDS)
         if unknown:
             raise InvalidParameterValueException(f"cannot change {', '.join(sorted(unknown))}")
+        if not changes:
+            raise InvalidParameterValueException("nothing to change: give at least one setting")
+        check_config({**latest, **changes})
         latest.update(changes)
         latest["last_modified_ms"] = int(now * 1000)
         return dict(latest)
@@ -114,23 +144,6 @@ class RegistryState:
 
     def get_function(self, tenant: str, name: str) -> dict[str, Any]:
         return dict(self._entry(tenant, name)["latest"])
-
-    def resolve(self, tenant: str, name: str, qualifier: str | None, roll: float | None = None) -> dict[str, Any]:
-        """The configuration an invoke of name[:qualifier] runs: $LATEST, a version, or an alias (choosing its
-        additional version with probability `weight`; `roll` in [0, 1) makes the choice)."""
-        entry = self._entry(tenant, name)
-        if qualifier in (None, LATEST):
-            return dict(entry["latest"])
-        if qualifier in entry["versions"]:
-            return dict(entry["versions"][qualifier])
-        alias = entry["aliases"].get(qualifier)
-        if alias is None:
-            raise ResourceNotFoundException(f"Function not found: {name}:{qualifier}")
-        roll = random.random() if roll is None else roll
-        version = alias["additional_version"] if alias["additional_version"] and roll < alias["weight"] \
-            else alias["version"]
-        config = entry["latest"] if version == LATEST else entry["versions"][version]
-        return {**config, "alias": qualifier}
 
     def describe(self, tenant: str, name: str, qualifier: str | None) -> list[dict[str, Any]]:
         """The configurations name[:qualifier] may run, each with the share of invokes it gets: one for $LATEST
@@ -222,13 +235,26 @@ def _not_found(name: str) -> ResourceNotFoundException:
     return ResourceNotFoundException(f"Function not found: {name}")
 
 
+RegistryState.COMMANDS = {
+    "create_function": RegistryState.cmd_create_function,
+    "update_code": RegistryState.cmd_update_code,
+    "update_config": RegistryState.cmd_update_config,
+    "delete_function": RegistryState.cmd_delete_function,
+    "publish_version": RegistryState.cmd_publish_version,
+    "put_alias": RegistryState.cmd_put_alias,
+    "delete_alias": RegistryState.cmd_delete_alias,
+    "create_tenant": RegistryState.cmd_create_tenant,
+    "add_key": RegistryState.cmd_add_key,
+    "revoke_key": RegistryState.cmd_revoke_key,
+    "add_operator": RegistryState.cmd_add_operator,
+}
+
+
 class ControlState(RegistryState):
     """The `control` group's state: the registry, and the async event queue beside it."""
 
-    def __init__(self, retry_backoff_s: float = 60.0) -> None:
+    def __init__(self, retry_backoff_s: float) -> None:
         super().__init__()
-        from frontend.events import EventQueue
-
         self.events = EventQueue(retry_backoff_s=retry_backoff_s)
 
     def cmd_events_put(self, now: float, **kw: Any) -> dict[str, Any]:
@@ -246,3 +272,13 @@ class ControlState(RegistryState):
 
     def cmd_events_redrive(self, now: float, **kw: Any) -> int:
         return self.events.redrive(now, **kw)
+
+
+ControlState.COMMANDS = {
+    **RegistryState.COMMANDS,
+    "events_put": ControlState.cmd_events_put,
+    "events_put_many": ControlState.cmd_events_put_many,
+    "events_take": ControlState.cmd_events_take,
+    "events_settle": ControlState.cmd_events_settle,
+    "events_redrive": ControlState.cmd_events_redrive,
+}

@@ -7,26 +7,61 @@ A reply that failed carries `error: {type, message, reason?, retryable?}`; `type
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
+class Reason(enum.StrEnum):
+    """Every `reason` Flint gives an error, defined once. Lambda's own where it has one (throttles)."""
+
+    # throttles (TooManyRequestsException), as Lambda names them
+    CONCURRENT_LIMIT = "ConcurrentInvocationLimitExceeded"
+    RESERVED_LIMIT = "ReservedFunctionConcurrentInvocationLimitExceeded"
+    # a peer could not be asked (PeerUnavailable): the first certainly did not run, the others may have
+    NOT_SENT = "NotSent"
+    TIMEOUT = "Timeout"
+    CONNECTION_LOST = "ConnectionLost"
+    # routing an invoke (ServiceException)
+    NO_ROUTE = "NoRoute"
+    NO_MANAGER = "NoManager"
+    NO_HEALTHY_WORKER = "NoHealthyWorker"
+    NO_CAPACITY = "NoCapacity"
+    WORKER_FULL = "WorkerFull"
+    WORKER_UNREACHABLE = "WorkerUnreachable"
+    WORKER_LOST = "WorkerLost"
+    ADMISSION_EXPIRED = "AdmissionExpired"
+    ALREADY_STARTED = "AlreadyStarted"
+    # replicated state (ServiceException)
+    NOT_A_REPLICA = "NotAReplica"
+    NO_QUORUM = "NoQuorum"
+    MEMBERSHIP_CHANGE_FAILED = "MembershipChangeFailed"
+    # code blobs (ServiceException)
+    CODE_NOT_REPLICATED = "CodeNotReplicated"
+    CODE_CORRUPTED = "CodeCorrupted"
+
+
 class FlintError(Exception):
-    """Base of every error a tenant or operator can see. Subclasses set `type_name` and `retryable`."""
+    """Base of every error a tenant or operator can see. Subclasses set `type_name` and `retryable`.
+
+    `may_still_run` says that the operation may be running on a peer we lost (a host gone mid-invoke): the
+    caller must not assume it did not happen. It never crosses the wire: it is the calling side's knowledge."""
 
     type_name = "ServiceException"
     retryable = False
 
-    def __init__(self, message: str, *, reason: str | None = None, retryable: bool | None = None):
+    def __init__(self, message: str, *, reason: str | None = None, retryable: bool | None = None,
+                 may_still_run: bool = False):
         super().__init__(message)
         self.message = message
         self.reason = reason
+        self.may_still_run = may_still_run
         if retryable is not None:
             self.retryable = retryable
 
     def to_wire(self) -> dict[str, Any]:
         error: dict[str, Any] = {"type": self.type_name, "message": self.message}
         if self.reason is not None:
-            error["reason"] = self.reason
+            error["reason"] = str(self.reason)
         if self.retryable or type(self).retryable:  # said whenever it differs from nothing-said (not retryable)
             error["retryable"] = bool(self.retryable)
         return error
@@ -100,6 +135,16 @@ _BY_NAME: dict[str, type[FlintError]] = {
         CodeStorageExceededException,
     )
 }
+
+
+def error_fields(err: BaseException) -> dict[str, Any]:
+    """What a log line says of an error: its type and reason as well as its message."""
+    if isinstance(err, FlintError):
+        out: dict[str, Any] = {"error_type": err.type_name, "error": err.message}
+        if err.reason is not None:
+            out["reason"] = str(err.reason)
+        return out
+    return {"error_type": type(err).__name__, "error": str(err)}
 
 
 def from_reply(error: Any) -> FlintError:

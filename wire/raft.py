@@ -1,7 +1,7 @@
 """A replicated state machine: a plain state object applied through a pysyncobj group.
 
-The state object has no I/O and no clock: every command names a `cmd_<op>` method and carries the proposer's
-timestamp, so every replica applies it identically. Commands carry a request id and are applied at most once
+The state object has no I/O and no clock: every command names an entry of the state class's `COMMANDS` table
+and carries the proposer's timestamp, so every replica applies it identically. Commands carry a request id and are applied at most once
 (results are remembered for a bounded window), so a caller may retry any ambiguous outcome - leader change,
 timeout, lost connection - with the same id and get the first result back.
 """
@@ -22,7 +22,8 @@ from typing import Any
 import structlog
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from wire.errors import FlintError, ServiceException, from_reply
+from wire.errors import FlintError, Reason, ServiceException, from_reply
+from wire.messages import RaftStatus
 
 log = structlog.get_logger("raft")
 
@@ -67,7 +68,10 @@ class StateMachine(SyncObjConsumer):
             if done is not None:
                 return done
             try:
-                outcome: tuple[str, Any] = ("ok", getattr(self.state, "cmd_" + op)(now=ts, **args))
+                command = type(self.state).COMMANDS.get(op)
+                if command is None:
+                    raise ServiceException(f"no command {op!r} in {type(self.state).__name__}", retryable=False)
+                outcome: tuple[str, Any] = ("ok", command(self.state, now=ts, **args))
             except FlintError as err:
                 outcome = ("err", err.to_wire())
             except Exception as exc:  # a bug must fail the same way on every replica, not diverge them
@@ -132,7 +136,7 @@ class RaftGroup:
                 raise ServiceException(
                     f"the {self.config.name} group could not commit within {timeout_s:.1f}s ({last_reason}); "
                     "a majority of its replicas may be down",
-                    reason="NoQuorum",
+                    reason=Reason.NO_QUORUM,
                 )
             fut: asyncio.Future = loop.create_future()
 
@@ -155,19 +159,19 @@ class RaftGroup:
                 raise ServiceException(f"{self.config.name} refused the command: {last_reason}")
             await asyncio.sleep(0.02)  # same request id: a command that did commit is not applied twice
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RaftStatus:
         raw = self.sync.getStatus()
         leader = raw.get("leader")
-        return {
-            "group": self.config.name,
-            "self": self.config.self_address,
-            "state": {0: "follower", 1: "candidate", 2: "leader"}.get(raw.get("state"), str(raw.get("state"))),
-            "leader": str(leader) if leader is not None else None,
-            "term": raw.get("raft_term"),
-            "commit_idx": raw.get("commit_idx"),
-            "ready": self.sync.isReady(),
-            "applied": self.machine.applied_count,
-        }
+        return RaftStatus(
+            group=self.config.name,
+            address=self.config.self_address,
+            state={0: "follower", 1: "candidate", 2: "leader"}.get(raw.get("state"), str(raw.get("state"))),
+            leader=str(leader) if leader is not None else None,
+            term=raw.get("raft_term"),
+            commit_idx=raw.get("commit_idx"),
+            ready=self.sync.isReady(),
+            applied=self.machine.applied_count,
+        )
 
     @property
     def has_leader(self) -> bool:
@@ -231,7 +235,7 @@ class RaftGroup:
         raise ServiceException(
             f"{self.config.name}: could not {action} {address} within {timeout_s:.0f}s ({last}); "
             "check that a majority of replicas is up, then retry",
-            reason="MembershipChangeFailed",
+            reason=Reason.MEMBERSHIP_CHANGE_FAILED,
         )
 
     def _membership_done(self, action: str, address: str) -> bool:

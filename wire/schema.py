@@ -1,18 +1,23 @@
-"""Small immutable message types, validated on decode.
+"""Small immutable message types, validated on decode, both ways.
 
 A message type is a frozen dataclass whose fields are declared with `text()`, `integer()`, `flag()`, ... Each
-declaration carries its own bounds, so `Message.from_header()` refuses a malformed request in one place, naming
+declaration carries its own bounds, so `Message.from_wire()` refuses a malformed message in one place, naming
 the field: a missing field or a wrong type is `InvalidRequestContentException`; a value out of its range, too
 long or not among the choices is `InvalidParameterValueException` (as Lambda says of a memory size of 64 MB).
+
+A request type names its reply type (`@message("op", reply=SomeReply)`): a server's handler returns an instance
+of it and the client gets one back, validated the same way. A field declared with `raw()` is the message's one
+raw frame (an invoke payload, a code zip): it travels after the header and is never parsed by msgpack.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any, ClassVar, TypeVar
 
-from wire.errors import InvalidParameterValueException, InvalidRequestContentException
+from wire.errors import InvalidParameterValueException, InvalidRequestContentException, RequestTooLargeException
 
 _REQUIRED = dataclasses.MISSING
 M = TypeVar("M", bound="Message")
@@ -20,13 +25,15 @@ M = TypeVar("M", bound="Message")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Spec:
-    kind: str  # str | int | float | bool | bytes | str_list | str_map | map | nested | nested_list
+    kind: str  # str | int | float | bool | bytes | raw | str_list | str_map | int_map | map | nested | nested_list
+    #            | nested_map
     max_len: int | None = None
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
     nested: type[Message] | None = None
     optional: bool = False
+    enum_cls: type[enum.Enum] | None = None  # choices given as an enum: decoded values become its members
 
     def check(self, name: str, value: Any) -> Any:
         if value is None:
@@ -41,7 +48,7 @@ class Spec:
                 raise InvalidParameterValueException(f"field '{name}' is longer than {self.max_len} characters")
             if self.choices is not None and value not in self.choices:
                 raise InvalidParameterValueException(f"field '{name}' must be one of {', '.join(self.choices)}")
-            return value
+            return value if self.enum_cls is None else self.enum_cls(value)
         if kind == "int":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise _wrong(name, "an integer", value)
@@ -56,7 +63,7 @@ class Spec:
             if not isinstance(value, bool):
                 raise _wrong(name, "true or false", value)
             return value
-        if kind == "bytes":
+        if kind == "bytes" or kind == "raw":
             if not isinstance(value, bytes):
                 raise _wrong(name, "bytes", value)
             if self.max_len is not None and len(value) > self.max_len:
@@ -79,6 +86,27 @@ class Spec:
                 if not isinstance(k, str) or not isinstance(v, str):
                     raise _wrong(name, "a map of strings to strings", value)
             return dict(value)
+        if kind == "int_map":
+            if not isinstance(value, dict):
+                raise _wrong(name, "a map of integers", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' has more than {self.max_len} entries")
+            for k, v in value.items():
+                if not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool):
+                    raise _wrong(name, "a map of strings to integers", value)
+            return dict(value)
+        if kind == "nested_map":
+            assert self.nested is not None
+            if not isinstance(value, dict):
+                raise _wrong(name, "a map of maps", value)
+            if self.max_len is not None and len(value) > self.max_len:
+                raise InvalidRequestContentException(f"field '{name}' has more than {self.max_len} entries")
+            out_map = {}
+            for k, item in value.items():
+                if not isinstance(k, str) or not isinstance(item, dict):
+                    raise _wrong(name, "a map of strings to maps", value)
+                out_map[k] = self.nested.from_fields(item, prefix=f"{name}[{k!r:.40}].")
+            return out_map
         if kind == "map":
             if not isinstance(value, dict):
                 raise _wrong(name, "a map", value)
@@ -121,8 +149,11 @@ def _field(spec: Spec, default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"spec": spec})
 
 
-def text(max_len: int = 256, *, default: Any = _REQUIRED, choices: tuple[str, ...] | None = None) -> Any:
-    return _field(Spec("str", max_len=max_len, choices=choices, optional=default is None), default)
+def text(max_len: int = 256, *, default: Any = _REQUIRED,
+         choices: tuple[str, ...] | type[enum.StrEnum] | None = None) -> Any:
+    enum_cls = choices if isinstance(choices, type) and issubclass(choices, enum.Enum) else None
+    values = tuple(str(c.value) for c in enum_cls) if enum_cls is not None else choices
+    return _field(Spec("str", max_len=max_len, choices=values, optional=default is None, enum_cls=enum_cls), default)
 
 
 def integer(min: int | None = None, max: int | None = None, *, default: Any = _REQUIRED) -> Any:
@@ -139,6 +170,19 @@ def flag(*, default: Any = _REQUIRED) -> Any:
 
 def blob(max_len: int, *, default: Any = _REQUIRED) -> Any:
     return _field(Spec("bytes", max_len=max_len, optional=default is None), default)
+
+
+def raw(max_len: int, *, default: Any = _REQUIRED) -> Any:
+    """The message's raw frame (at most one per type): sent after the header, never inside it."""
+    return _field(Spec("raw", max_len=max_len, optional=default is None), default)
+
+
+def int_map(max_items: int = 100_000, *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("int_map", max_len=max_items, optional=default is None), default)
+
+
+def nested_map(cls: type[Message], max_items: int = 100_000, *, default: Any = _REQUIRED) -> Any:
+    return _field(Spec("nested_map", nested=cls, max_len=max_items, optional=default is None), default)
 
 
 def text_list(max_items: int = 64, *, default: Any = _REQUIRED) -> Any:
@@ -169,28 +213,47 @@ class Message:
     """Base of every message type. Subclasses are frozen dataclasses (use the `@message` decorator)."""
 
     op: ClassVar[str] = ""
-    max_payload_bytes: ClassVar[int] = 0
+    reply: ClassVar[type[Message] | None] = None  # what a server answers a request of this type with
+    max_payload_bytes: ClassVar[int] = 0  # the raw frame's limit (0: the type carries none)
+    _raw: ClassVar[str | None] = None  # the name of the field that is the raw frame
+    _specs: ClassVar[tuple[tuple[str, Spec, bool], ...]] = ()  # (name, spec, required), in declaration order
     __slots__ = ()
 
     @classmethod
-    def from_fields(cls: type[M], fields: dict[str, Any], *, prefix: str = "") -> M:
+    def from_fields(cls: type[M], fields: dict[str, Any], *, prefix: str = "", raw: bytes | None = None) -> M:
         values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            spec: Spec = f.metadata["spec"]
-            if f.name in fields:
-                values[f.name] = spec.check(prefix + f.name, fields[f.name])
-            elif f.default is _REQUIRED and f.default_factory is _REQUIRED:  # type: ignore[misc]
-                raise InvalidRequestContentException(f"field '{prefix}{f.name}' is required")
+        for name, spec, required in cls._specs:
+            if name == cls._raw:
+                if raw is not None:
+                    values[name] = raw
+            elif name in fields:
+                values[name] = spec.check(prefix + name, fields[name])
+            elif required:
+                raise InvalidRequestContentException(f"field '{prefix}{name}' is required")
         return cls(**values)
 
+    @classmethod
+    def from_wire(cls: type[M], header: dict[str, Any], payload: bytes | None) -> M:
+        """A message from its header map and raw frame. A raw frame the type does not carry, or one over its
+        limit, is refused before any field is read."""
+        if payload is not None and len(payload) > cls.max_payload_bytes:
+            raise RequestTooLargeException(f"payload of {len(payload)} bytes exceeds the "
+                                           f"{cls.max_payload_bytes}-byte limit of {cls.op or cls.__name__}")
+        return cls.from_fields(header, raw=payload)
+
     def to_fields(self) -> dict[str, Any]:
+        """The header fields (the raw frame is not among them)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is None:
+        for name, _, _ in self._specs:
+            value = getattr(self, name)
+            if value is None or name == self._raw:
                 continue
-            out[f.name] = _plain(value)
+            out[name] = _plain(value)
         return out
+
+    @property
+    def raw_frame(self) -> bytes | None:
+        return None if self._raw is None else getattr(self, self._raw)
 
     def replace(self: M, **changes: Any) -> M:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -199,24 +262,40 @@ class Message:
 def _plain(value: Any) -> Any:
     if isinstance(value, Message):
         return value.to_fields()
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
     return value
 
 
 OPS: dict[str, type[Message]] = {}
 
 
-def message(op: str | None = None, *, max_payload_bytes: int = 0):
-    """Declare a message type. With `op`, it is a request that servers can dispatch on."""
+def message(op: str | None = None, *, reply: type[Message] | None = None):
+    """Declare a message type. With `op`, it is a request that servers can dispatch on, answered by `reply`."""
 
     def wrap(cls: type[M]) -> type[M]:
         cls = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        specs = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            spec: Spec = f.metadata["spec"]
+            required = f.default is _REQUIRED and f.default_factory is _REQUIRED  # type: ignore[misc]
+            specs.append((f.name, spec, required))
+            if spec.kind == "raw":
+                if cls._raw is not None and cls._raw != f.name:
+                    raise AssertionError(f"{cls.__name__} declares two raw frames")
+                cls._raw, cls.max_payload_bytes = f.name, spec.max_len or 0
+        cls._specs = tuple(specs)
         if op is not None:
             if op in OPS:
                 raise AssertionError(f"op {op!r} declared twice")
+            if reply is None:
+                raise AssertionError(f"op {op!r} declares no reply type")
             cls.op = op
-            cls.max_payload_bytes = max_payload_bytes
+            cls.reply = reply
             OPS[op] = cls
         return cls
 

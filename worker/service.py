@@ -11,12 +11,16 @@ from pathlib import Path
 
 import structlog
 
-from nodes.runtime import Runtime
+from wire.host import Host
 from registry.client import RegistryClient
 from registry.package import unpack
 from wire import messages as m
-from wire.errors import FlintError, ServiceException
-from wire.sockets import Reply, Request, now_ms
+from wire.errors import FlintError, Reason, ServiceException, error_fields
+from wire.ids import now_ms
+from wire.messages import ReleaseOutcome
+from wire.server import Request
+from wire.tasks import Background
+from manager.client import ManagerClient
 from worker import isolation as iso
 from worker.sandbox import SandboxProcess, SlotPool, Zygote
 from worker.state import IDLE, CodeCache, SandboxEntry, WorkerState
@@ -25,29 +29,30 @@ log = structlog.get_logger("worker")
 
 
 class WorkerService:
-    def __init__(self, rt: Runtime):
-        self.rt = rt
+    def __init__(self, host: Host):
+        self.host = host
         self.state = WorkerState()
-        settings = rt.config.settings
+        settings = host.config.settings
         self.cache = CodeCache(settings.code_cache_mb * 1024 * 1024)
         self.processes: dict[str, SandboxProcess] = {}
-        self.registry = RegistryClient(rt.control("registry"))
-        self.code_root = rt.config.data_dir / "code"
-        self.run_root = rt.config.data_dir / "sandboxes"
+        self.registry = RegistryClient(host.control("registry"))
+        self.managers = ManagerClient(host.pool)
+        self.code_root = host.config.data_dir / "code"
+        self.run_root = host.config.data_dir / "sandboxes"
         self._code_locks: dict[str, asyncio.Lock] = {}
-        self._background: set[asyncio.Task] = set()
+        self._background = Background("worker")
         self._seq = itertools.count()
-        self.cgroups = iso.Cgroups(f"flint-{rt.node_id}") if os.geteuid() == 0 else None
+        self.cgroups = iso.Cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
-        self.zygote = Zygote(self.caps, rt.config.cores)
+        self.zygote = Zygote(self.caps, host.config.cores)
         self.pool = self._new_pool()
-        rt.facts["isolation"] = self.caps.label()
-        rt.facts["isolation_details"] = self.caps.details()
+        host.facts.isolation = self.caps.label()
+        host.facts.isolation_details = self.caps.details()
         # Operators (and the chaos tests) can have every execution's start and end recorded on this host's
         # monotonic clock: "S <t> <request id> <tenant> <function>" and "E <t> <request id>", flushed as written.
         self._journal = (
-            open(rt.config.data_dir / "executions.log", "a", buffering=1)
-            if rt.config.settings.record_executions else None
+            open(host.config.data_dir / "executions.log", "a", buffering=1)
+            if host.config.settings.record_executions else None
         )
 
     async def run(self) -> None:
@@ -57,8 +62,8 @@ class WorkerService:
             log.warning("worker.partial_isolation", isolation=self.caps.label(), missing=self.caps.reasons)
         await self.zygote.start()
         self.pool.start()
-        reaper = asyncio.get_running_loop().create_task(self._reap_orphans(), name="orphan-reaper")
-        server = self.rt.server(
+        self._background.spawn(self._reap_orphans(), name="orphan-reaper")
+        server = self.host.server(
             "worker",
             {
                 m.CreateSandbox: self.create_sandbox,
@@ -70,7 +75,7 @@ class WorkerService:
         try:
             await server.serve()
         finally:
-            reaper.cancel()
+            self._background.cancel()
             await self.close_all()
 
     async def close_all(self) -> None:
@@ -82,17 +87,17 @@ class WorkerService:
 
     # --- handlers ------------------------------------------------------------------------------------------------
 
-    async def create_sandbox(self, req: Request) -> dict:
+    async def create_sandbox(self, req: Request) -> m.SandboxCreated:
         msg = req.msg
         config = msg.config
-        if len(self.state.sandboxes) >= self.rt.config.settings.max_sandboxes:
+        if len(self.state.sandboxes) >= self.host.config.settings.max_sandboxes:
             raise ServiceException(
-                f"worker {self.rt.node_id} is at its limit of {self.rt.config.settings.max_sandboxes} sandboxes",
-                reason="WorkerFull",
+                f"worker {self.host.node_id} is at its limit of {self.host.config.settings.max_sandboxes} sandboxes",
+                reason=Reason.WORKER_FULL,
             )
         code_dir = await self._code(config.code_sha256)
         entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager, memory_mb=config.memory_mb)
-        self.state.add(entry, self.rt.now())
+        self.state.add(entry, self.host.now())
         try:
             if not self.zygote.alive:
                 await self._restart_zygote()
@@ -100,7 +105,7 @@ class WorkerService:
         except Exception as exc:
             self.state.remove(msg.sandbox_id)
             log.exception("sandbox.start_failed", sandbox_id=msg.sandbox_id, function=config.name)
-            raise ServiceException(f"could not start a sandbox on {self.rt.node_id}: {exc}") from exc
+            raise ServiceException(f"could not start a sandbox on {self.host.node_id}: {exc}") from exc
         self.processes[msg.sandbox_id] = proc
         self.state.ready(msg.sandbox_id)
         self._publish()
@@ -112,9 +117,9 @@ class WorkerService:
             cold_ms=round(proc.init_ms, 2),
             init_error=(proc.init_error or {}).get("errorType"),
         )
-        return {"init_ms": proc.init_ms, "isolation": self.caps.label()}
+        return m.SandboxCreated(init_ms=proc.init_ms, isolation=self.caps.label())
 
-    async def run_invoke(self, req: Request) -> Reply:
+    async def run_invoke(self, req: Request) -> m.RunResult:
         msg = req.msg
         max_s = None
         if msg.not_after_ms is not None:
@@ -122,37 +127,34 @@ class WorkerService:
             if max_s <= 0:
                 raise ServiceException(
                     "the invoke's admission ran out before a sandbox was ready; nothing ran, retry",
-                    reason="AdmissionExpired",
+                    reason=Reason.ADMISSION_EXPIRED,
                     retryable=True,
                 )
-        entry = self.state.begin(msg.sandbox_id, msg.request_id, self.rt.now())
+        entry = self.state.begin(msg.sandbox_id, msg.request_id, self.host.now())
         proc = self.processes[msg.sandbox_id]
         structlog.contextvars.bind_contextvars(function=proc.config.name, sandbox_id=msg.sandbox_id)
         if self._journal is not None:
             self._journal.write(f"S {time.monotonic():.6f} {msg.request_id} {proc.config.tenant} {proc.config.name}\n")
-        outcome = await proc.invoke(msg.request_id, req.payload or b"", msg.log_tail, max_s)
+        outcome = await proc.invoke(msg.request_id, msg.payload or b"", msg.log_tail, max_s)
         if self._journal is not None:
             self._journal.write(f"E {time.monotonic():.6f} {msg.request_id}\n")
         if outcome.alive and proc.alive:
-            self.state.end(msg.sandbox_id, self.rt.now())
-            self._tell_manager(entry, msg.request_id, "ok")
+            self.state.end(msg.sandbox_id, self.host.now())
+            self._tell_manager(entry, msg.request_id, ReleaseOutcome.OK)
         else:
             await self._discard(msg.sandbox_id)
-            self._tell_manager(entry, msg.request_id, "gone")
-            log.info("sandbox.retired", reason=outcome.payload[:200].decode(errors="replace"))
-        fields = {"executed_version": proc.config.version, "sandbox_alive": outcome.alive}
-        if outcome.function_error:
-            fields["function_error"] = outcome.function_error
-        if outcome.log is not None:
-            fields["log_tail"] = outcome.log
-        return Reply(fields, outcome.payload)
+            self._tell_manager(entry, msg.request_id, ReleaseOutcome.GONE)
+            log.info("sandbox.retired", why=outcome.payload[:200].decode(errors="replace"))
+        return m.RunResult(executed_version=proc.config.version, sandbox_alive=outcome.alive,
+                           function_error=outcome.function_error or None, log_tail=outcome.log,
+                           payload=outcome.payload)
 
-    async def destroy_sandbox(self, req: Request) -> dict:
-        existed = await self._discard(req.msg.sandbox_id)
-        return {"destroyed": existed}
+    async def destroy_sandbox(self, req: Request) -> m.Destroyed:
+        return m.Destroyed(destroyed=await self._discard(req.msg.sandbox_id))
 
-    async def list_sandboxes(self, req: Request) -> dict:
-        return {"sandboxes": self.state.view(), "node_id": self.rt.node_id}
+    async def list_sandboxes(self, req: Request) -> m.Sandboxes:
+        return m.Sandboxes(sandboxes=tuple(m.SandboxView.from_fields(v) for v in self.state.view()),
+                           node_id=self.host.node_id)
 
     # --- internals -----------------------------------------------------------------------------------------------
 
@@ -162,9 +164,9 @@ class WorkerService:
         is reaped: a worker does not act on what it does not know."""
         from placement.client import NodeView, PlacementClient
 
-        view = NodeView(PlacementClient(self.rt.control("placement")), max_age_s=1.0)
+        view = NodeView(PlacementClient(self.host.control("placement")), max_age_s=1.0)
         gone_since: dict[str, float] = {}
-        grace = self.rt.config.settings.orphan_grace_s
+        grace = self.host.config.settings.orphan_grace_s
         while True:
             await asyncio.sleep(min(2.0, grace / 2))
             await view.refresh()
@@ -192,13 +194,13 @@ class WorkerService:
             await self._discard(sandbox_id)
         await self.pool.close()
         self.zygote.close()
-        self.zygote = Zygote(self.caps, self.rt.config.cores)
+        self.zygote = Zygote(self.caps, self.host.config.cores)
         self.pool = self._new_pool()
         await self.zygote.start()
         self.pool.start()
 
     def _new_pool(self) -> SlotPool:
-        settings = self.rt.config.settings
+        settings = self.host.config.settings
         return SlotPool(self.zygote, self.cgroups, self.run_root, size=settings.sandbox_pool,
                         pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb)
 
@@ -211,40 +213,32 @@ class WorkerService:
         return entry is not None
 
     def _publish(self) -> None:
-        self.rt.facts["sandboxes"] = len(self.state.sandboxes)
-        self.rt.facts["sandbox_memory_mb"] = sum(p.config.memory_mb for p in self.processes.values())
+        self.host.facts.sandboxes = len(self.state.sandboxes)
+        self.host.facts.sandbox_memory_mb = sum(p.config.memory_mb for p in self.processes.values())
 
-    def _tell_manager(self, entry: SandboxEntry, request_id: str, outcome: str) -> None:
+    def _tell_manager(self, entry: SandboxEntry, request_id: str, outcome: ReleaseOutcome) -> None:
         """The manager learns the sandbox is free (or gone) even if the frontend that ran the invoke dies."""
         release = m.ManagerRelease(
             function_key=entry.function_key, sandbox_id=entry.sandbox_id, request_id=request_id, outcome=outcome
         )
-        task = asyncio.get_running_loop().create_task(self._notify(entry.manager, release))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _notify(self, endpoint: str, msg: m.ManagerRelease) -> None:
-        try:
-            await self.rt.pool.call(endpoint, msg, timeout_s=2.0)
-        except FlintError:
-            pass  # the manager is gone; the next one rebuilds from list_sandboxes
+        self._background.spawn(self.managers.release(entry.manager, release), name="tell-manager")
 
     async def _code(self, digest: str) -> Path:
         path = self.code_root / digest
-        if self.cache.touch(digest, self.rt.now()) and path.exists():
+        if self.cache.touch(digest, self.host.now()) and path.exists():
             return path
         lock = self._code_locks.setdefault(digest, asyncio.Lock())
         async with lock:
             if path.exists():
-                self.cache.touch(digest, self.rt.now()) or self.cache.add(
-                    digest, _du(path), self.rt.now(), self.state.code_in_use()
+                self.cache.touch(digest, self.host.now()) or self.cache.add(
+                    digest, _du(path), self.host.now(), self.state.code_in_use()
                 )
                 return path
             began = time.perf_counter()
             data = await self.registry.get_blob(digest)
             size = await asyncio.to_thread(unpack, data, path,
-                                           unzipped_max_bytes=self.rt.config.settings.unzipped_max_mb * 1024 * 1024)
-            for old in self.cache.add(digest, size, self.rt.now(), self.state.code_in_use()):
+                                           unzipped_max_bytes=self.host.config.settings.unzipped_max_mb * 1024 * 1024)
+            for old in self.cache.add(digest, size, self.host.now(), self.state.code_in_use()):
                 shutil.rmtree(self.code_root / old, ignore_errors=True)
             log.info("code.cached", code_sha256=digest, bytes=size, ms=round((time.perf_counter() - began) * 1000, 1))
             return path

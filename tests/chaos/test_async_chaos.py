@@ -29,7 +29,7 @@ def control_leader(region) -> str | None:
         if region.pid(n) is None:
             continue
         try:
-            if region.call("admin", m.NodeStatus(), node=n, timeout_s=1.0)["raft"]["control"]["state"] == "leader":
+            if region.call("admin", m.NodeStatus(), node=n, timeout_s=1.0).raft["control"].state == "leader":
                 return n
         except FlintError:
             continue

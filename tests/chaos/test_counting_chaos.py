@@ -79,7 +79,7 @@ def leader_of(region, group: str) -> str | None:
             status = region.call("admin", m.NodeStatus(), node=node, timeout_s=1.0)
         except FlintError:
             continue
-        if status["raft"][group]["state"] == "leader":
+        if status.raft[group].state == "leader":
             return node
     return None
 
@@ -168,7 +168,7 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
         held = None
         while time.monotonic() < storm_over + bound + 5.0:
             status = region.call("counting", m.CountingStatus(tenant="default"), timeout_s=2.0)
-            held = sum(p["held"] for p in status["tenants"]["default"]["pools"].values())
+            held = sum(p.held for p in status.tenants["default"].pools.values())
             if held == 0:
                 break
             time.sleep(0.25)
@@ -183,7 +183,7 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
             for node in CONTROL:
                 try:
                     s = region.call("counting", m.CountingStatus(tenant="default"), node=node, timeout_s=1.0)
-                    digests[node] = (s["digest"], s["raft"]["commit_idx"])
+                    digests[node] = (s.digest, s.raft.commit_idx)
                 except FlintError:
                     pass
             if len(digests) == 3 and len(set(digests.values())) == 1:

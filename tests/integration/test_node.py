@@ -17,7 +17,7 @@ import zmq.asyncio
 from flint import Client
 from tests.conftest import ROOT, start_region
 from wire import messages as m
-from wire.sockets import ClientPool
+from wire.client import ClientPool
 
 pytestmark = pytest.mark.slow
 

@@ -22,17 +22,17 @@ def test_an_empty_lease_goes_back_within_seconds_where_its_az_is_short_of_room(t
         with Client.from_region(region.root) as client:
             client.create_function("hello", code=example_code, handler="handler.handle", memory_mb=128)
             assert client.invoke("hello", {"name": "room"}).function_error is None
-            leases = region.call("placement", m.ListLeases())
-            assert len(leases["leases"]) == 1
-            az = leases["leases"][0]["node"]["az"]
-            assert leases["headroom"]["short_azs"] == [az]
+            leases = region.call("placement", m.ListWorkerLeases())
+            assert len(leases.leases) == 1
+            az = leases.leases[0].node.az
+            assert leases.headroom.short_azs == (az,)
             # the idle sandbox is reaped after its 1 s keep-alive, and its empty lease goes back in seconds,
             # not after the 5 minutes an unused lease is otherwise kept
             deadline = time.monotonic() + 20
-            while region.call("placement", m.ListLeases())["leases"] and time.monotonic() < deadline:
+            while region.call("placement", m.ListWorkerLeases()).leases and time.monotonic() < deadline:
                 time.sleep(0.5)
-            after = region.call("placement", m.ListLeases())
-            assert after["leases"] == [] and after["headroom"]["short_azs"] == []
+            after = region.call("placement", m.ListWorkerLeases())
+            assert after.leases == () and after.headroom.short_azs == ()
             assert client.invoke("hello", {"name": "again"}).function_error is None  # and the next invoke leases afresh
     except Exception:
         dump_logs(region)

@@ -1,6 +1,6 @@
 import pytest
 
-from nodes.config import ConfigError, NodeConfig
+from wire.config import ConfigError, NodeConfig
 
 
 def good(**over):

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from counting.state import UNRESERVED, Ledger
-from frontend.state import CreditWallet
+from frontend.credits import CreditWallet
+from wire.messages import CreditGrant
 from wire.errors import InvalidParameterValueException
 
 LEASE_S = 3.0
@@ -60,7 +61,8 @@ class Region:
             self.ledger_now(), request.lease_id, f"fe{i}", self.endpoint_of(i), "t", request.function,
             request.want, request.in_use, request.max_timeout_s, LEASE_S,
         )
-        self.wallets[i].apply(request, grant, self.now)
+        typed = CreditGrant.from_fields({k: v for k, v in grant.items() if k != "revise"})
+        self.wallets[i].apply(request, typed, self.now)
         self.deliver(grant.get("revise", ()))
         return grant
 
@@ -282,7 +284,7 @@ def test_a_lapsed_lease_is_not_renewed():
 def test_wallet_stops_admitting_before_the_ledgers_expiry():
     w = CreditWallet("fe", lease_s=3.0, skew_margin_s=0.25)
     req = w.grow("t", "f", 1.0, 1, now=10.0)
-    w.apply(req, {"pool": "", "renewed": True, "credits": 5, "target": None}, sent_at=10.0)
+    w.apply(req, CreditGrant(lease_id=req.lease_id, renewed=True, pool="", credits=5, expires_at=13.0), sent_at=10.0)
     assert w.try_admit("t", "f", 1.0, 12.74) is not None
     assert w.try_admit("t", "f", 1.0, 12.75) is None
     assert w.try_admit("t", "f", 5.0, 11.0) is None  # a longer timeout than the lease declared needs a renewal

@@ -1,6 +1,6 @@
 """The async event queue: at least once, retries, age, dead letters, redrive, and bounded memory."""
 
-from frontend.events import DLQ, DONE, DONE_RETENTION_S, INFLIGHT, QUEUED, EventQueue
+from registry.events import DLQ, DONE, DONE_RETENTION_S, INFLIGHT, QUEUED, EventQueue
 
 
 def put(q, now, event_id, retries=2, max_age=3600.0):
@@ -9,7 +9,7 @@ def put(q, now, event_id, retries=2, max_age=3600.0):
 
 
 def test_put_is_idempotent_and_take_hides_an_event_until_its_visibility_passes():
-    q = EventQueue()
+    q = EventQueue(retry_backoff_s=1.0)
     put(q, 0, "e1")
     put(q, 0, "e1")
     assert len(q.events) == 1
@@ -39,7 +39,7 @@ def test_function_errors_use_retries_with_backoff_then_dead_letter():
 
 
 def test_throttles_and_system_errors_wait_without_using_retries_but_age_still_counts():
-    q = EventQueue(throttle_backoff_s=0.1)
+    q = EventQueue(retry_backoff_s=1.0, throttle_backoff_s=0.1)
     put(q, 0, "e1", retries=0, max_age=10)
     now = 0.0
     for _ in range(5):
@@ -53,7 +53,7 @@ def test_throttles_and_system_errors_wait_without_using_retries_but_age_still_co
 
 
 def test_redrive_brings_dead_letters_back_with_fresh_retries():
-    q = EventQueue()
+    q = EventQueue(retry_backoff_s=1.0)
     put(q, 0, "e1", retries=0)
     q.take(0, "p", 1, 30)
     q.settle(0, "p", [{"event_id": "e1", "outcome": "function_error"}])
@@ -65,7 +65,7 @@ def test_redrive_brings_dead_letters_back_with_fresh_retries():
 
 
 def test_finished_events_are_forgotten_after_their_retention_unfinished_never():
-    q = EventQueue()
+    q = EventQueue(retry_backoff_s=1.0)
     for i in range(100):
         put(q, 0, f"done{i}")
     put(q, 0, "pending")

@@ -3,11 +3,11 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manager.state import BUSY, IDLE, LeaseRecord, ManagerState, SandboxRecord
+from manager.state import BUSY, IDLE, HeldWorkerLease, ManagerState, SandboxRecord
 
 
 def lease(lid, node, az, mb=2048, expires=10_000.0):
-    return LeaseRecord(lid, node, az, f"tcp://{node}", mb, expires)
+    return HeldWorkerLease(lid, node, az, f"tcp://{node}", mb, expires)
 
 
 def sandbox(sid, key="f", node="n1", az="az1", lease_id="L1", mb=512, state=IDLE):

@@ -24,6 +24,9 @@ class Ledger:
         return len(self.entries)
 
 
+Ledger.COMMANDS = {"add": Ledger.cmd_add}
+
+
 def make_group(tmp_path, base: str):
     prefix = base.rsplit(".", 1)[0]
     addrs = [f"{prefix}.{i + 1}:17600" for i in range(3)]
@@ -55,7 +58,7 @@ def test_commands_apply_once_everywhere_and_survive_a_full_restart(tmp_path):
         groups = make_group(tmp_path, base)
         try:
             await wait_leader(groups)
-            follower = next(g for g in groups if g.status()["state"] != "leader")
+            follower = next(g for g in groups if g.status().state != "leader")
             for i in range(30):
                 assert await follower.submit("add", {"value": i}, request_id=f"req-{i}") == i + 1
             # a retried command (same id) returns the first result and is not applied again

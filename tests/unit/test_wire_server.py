@@ -19,7 +19,9 @@ from wire import codec
 from wire import messages as m
 from wire.errors import InvalidRequestContentException, PeerUnavailable, ResourceNotFoundException
 from wire.keys import KeyPair
-from wire.sockets import Authenticator, Client, Server
+from wire.client import Client
+from wire.server import Server
+from wire.zap import Authenticator
 
 CLUSTER = KeyPair.generate()
 
@@ -48,9 +50,14 @@ class LiveServer:
                 raise ResourceNotFoundException("Function not found: missing")
             if req.msg.name == "slow":
                 await asyncio.sleep(2)
-            return {"name": req.msg.name, "principal": req.principal}
+            # the caller's identity comes from its CURVE key (ZAP), never from the request: echo it back
+            config = m.FunctionConfig(tenant=req.caller.who, name=req.msg.name, handler="h.h", code_sha256="0")
+            return m.FunctionReply(config=config)
 
-        self.server = Server(ctx, self.endpoint, CLUSTER, {m.GetFunction: get_function, m.PutBlob: get_function},
+        async def put_blob(req):
+            return m.BlobStored(copies=len(req.msg.data or b""))
+
+        self.server = Server(ctx, self.endpoint, CLUSTER, {m.GetFunction: get_function, m.PutBlob: put_blob},
                              name="test")
         self._stop = asyncio.Event()
         serve = asyncio.create_task(self.server.serve())
@@ -147,7 +154,7 @@ def test_ten_thousand_bad_frames_get_named_errors_and_the_server_keeps_serving(l
                 "InvalidRequestContentException", "InvalidParameterValueException", "RequestTooLargeException"
             )
             errors += 1
-        assert header["ok"] is True and header["name"] == "still-serving"
+        assert header["ok"] is True and header["config"]["name"] == "still-serving"
         assert errors + (live.server.stats.dropped - dropped_before) == len(batch)
     finally:
         sock.close(0)
@@ -158,7 +165,8 @@ def test_a_valid_request_succeeds_after_the_storm_and_the_principal_comes_from_c
     sock.send_multipart(request("after"))
     header = recv(sock)
     sock.close(0)
-    assert header == {"v": 1, "id": "ok-1", "ok": True, "name": "after", "principal": "cluster"}
+    assert header["id"] == "ok-1" and header["ok"] is True
+    assert (header["config"]["name"], header["config"]["tenant"]) == ("after", "cluster")
 
 
 def test_payload_over_the_operation_limit_is_request_too_large(live):
@@ -197,7 +205,7 @@ def test_async_client_maps_errors_and_deadlines(live):
         client = Client(ctx, live.endpoint, keys=CLUSTER, server_public=CLUSTER.public, timeout_s=5)
         try:
             ok = await client.call(m.GetFunction(name="a"))
-            assert ok.fields["name"] == "a"
+            assert isinstance(ok, m.FunctionReply) and ok.config.name == "a"
             with pytest.raises(ResourceNotFoundException, match="Function not found"):
                 await client.call(m.GetFunction(name="missing"))
             with pytest.raises(InvalidRequestContentException, match="unknown operation"):

@@ -22,9 +22,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from wire.messages import ROLES
-
-RAFT_GROUPS = ("control", "counting", "placement")
+from wire.messages import RAFT_GROUPS, ROLES
+from wire.transport import endpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +146,7 @@ class NodeConfig:
         }
 
     def endpoint(self, service: str, address: str | None = None) -> str:
-        return f"tcp://{address or self.address}:{getattr(self.ports, service)}"
+        return endpoint(address or self.address, getattr(self.ports, service))
 
     def bind_endpoint(self, service: str) -> str:
         return self.endpoint(service)
@@ -182,6 +181,9 @@ class NodeConfig:
 
 class ConfigError(Exception):
     pass
+
+
+DEFAULTS = Settings()  # what every state class falls back to: each default is written once, in Settings
 
 
 def _sub(cls: type, raw: Any, where: str) -> Any:

@@ -1,21 +1,38 @@
-"""What every role on a node shares: its config, the ZeroMQ context, the cluster keys, clients, Raft groups."""
+"""What every role needs from its host: its config, the ZeroMQ context, the cluster keys, clients, Raft groups,
+and the facts one role publishes for the others (the worker's isolation and load, read by the placement agent
+and the admin status). The node daemon (nodes/) builds one Host and hands it to each role it runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq.asyncio
 
-from nodes.config import NodeConfig
+from wire.client import ClientPool, Failover
+from wire.config import NodeConfig
+from wire.errors import PeerUnavailable
 from wire.keys import KeyPair
+from wire.principal import Caller
 from wire.raft import RaftGroup
 from wire.schema import Message
-from wire.errors import PeerUnavailable
-from wire.sockets import CLUSTER, Authenticator, ClientPool, Failover, Handler, Reply, Server
+from wire.server import Handler, Request, Server, cluster_only
+from wire.zap import Authenticator
 
 
-class Runtime:
+@dataclasses.dataclass
+class HostFacts:
+    """What the worker role tells the rest of its node (the placement agent heartbeats it, admin status shows it)."""
+
+    isolation: str = "none (no worker role)"
+    isolation_details: dict[str, Any] | None = None
+    sandboxes: int = 0
+    sandbox_memory_mb: int = 0
+
+
+class Host:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.ctx = zmq.asyncio.Context()
@@ -23,7 +40,7 @@ class Runtime:
         self.pool = ClientPool(self.ctx, self.keys, self.keys.public)
         self.auth = Authenticator(self.ctx, self.keys.public)
         self.groups: dict[str, RaftGroup] = {}
-        self.facts: dict[str, Any] = {}  # things one role tells the others: e.g. the worker's isolation level
+        self.facts = HostFacts()
         self._failovers: dict[str, Failover] = {}
 
     @property
@@ -51,16 +68,15 @@ class Runtime:
         retry anywhere is applied at most once. If the leader cannot be reached that way, the handler runs here
         (pysyncobj forwards a command; a read sees this replica)."""
 
-        async def wrapped(req: Any) -> Any:
+        async def wrapped(req: Request) -> Message | None:
             raft = self.groups.get(group)
             leader = raft.leader_host() if raft is not None else None
             if leader is not None:
                 try:
-                    resp = await self.pool.call(
-                        self.config.endpoint(service, leader), req.msg, req.payload, request_id=req.id,
+                    return await self.pool.call(
+                        self.config.endpoint(service, leader), req.msg, request_id=req.id,
                         timeout_s=max(0.05, min(req.remaining_s(3.0), 3.0)),
                     )
-                    return Reply(resp.fields, resp.payload)
                 except PeerUnavailable:
                     pass
             return await handler(req)
@@ -72,8 +88,8 @@ class Runtime:
         service: str,
         handlers: dict[type[Message], Handler],
         *,
-        zap_domain: str = CLUSTER,
-        allowed: Any = None,
+        zap_domain: str = "cluster",
+        allowed: Callable[[Caller], bool] = cluster_only,
     ) -> Server:
         return Server(
             self.ctx,

@@ -1,7 +1,8 @@
 """The async event queue: every accepted `Event` invoke until it has run, or has run out of tries or age.
 
 No I/O; `now` is the proposer's clock. Replicated in the `control` group (registry.state.ControlState), so an
-event is committed to a majority before its 202 goes back, and survives any minority of control nodes.
+event is committed to a majority before its 202 goes back, and survives any minority of control nodes. The
+frontend's poller (frontend/poller.py) takes and settles events through the registry service.
 
 Delivery is at least once. Pollers take events with a visibility timeout: an event whose poller dies becomes
 visible again when the timeout passes and is delivered again. A function error uses one of the event's
@@ -17,7 +18,9 @@ import heapq
 from collections import deque
 from typing import Any
 
-QUEUED, INFLIGHT, DONE, DLQ = "queued", "inflight", "done", "dlq"
+from wire.messages import EventState, SettleOutcome
+
+QUEUED, INFLIGHT, DONE, DLQ = EventState.QUEUED, EventState.INFLIGHT, EventState.DONE, EventState.DLQ
 DONE_RETENTION_S = 3600.0  # finished events stay listable this long
 MAX_EVENTS = 500_000
 
@@ -49,7 +52,7 @@ class Event:
 
 
 class EventQueue:
-    def __init__(self, retry_backoff_s: float = 1.0, throttle_backoff_s: float = 0.2):
+    def __init__(self, retry_backoff_s: float, throttle_backoff_s: float = 0.2):
         self.retry_backoff_s = retry_backoff_s
         self.throttle_backoff_s = throttle_backoff_s
         self.events: dict[str, Event] = {}
@@ -102,17 +105,17 @@ class EventQueue:
             if event is None or event.state in (DONE, DLQ):
                 continue
             outcome = o["outcome"]
-            if outcome == "ok":
+            if outcome == SettleOutcome.OK:
                 event.state, event.settled_at, event.payload = DONE, now, b""
                 self._finished.append((now, event.event_id))
             elif event.owner != poller or event.state != INFLIGHT:
                 continue  # redelivered to someone else meanwhile: theirs to settle
-            elif outcome == "extend":
+            elif outcome == SettleOutcome.EXTEND:
                 event.visible_at = now + float(o.get("visibility_s", 60.0))
                 self._push(event)
-            elif outcome == "fatal":  # the function or its alias is gone: no retry can help
+            elif outcome == SettleOutcome.FATAL:  # the function or its alias is gone: no retry can help
                 self._dead(event, now, o.get("error"))
-            elif outcome == "function_error":
+            elif outcome == SettleOutcome.FUNCTION_ERROR:
                 event.attempts += 1
                 event.last_error = o.get("error")
                 if event.attempts > event.max_retries:
