@@ -232,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     kadd.add_argument("node")
     krm = ksub.add_parser("remove", help="remove NODE's counting replica (leadership is handed over first)")
     krm.add_argument("node")
-    for sp, fn in ((kst, cmd_counting_status), (kmem, cmd_counting_members), (kadd, cmd_counting_add),
-                   (krm, cmd_counting_remove)):
+    for sp, func in ((kst, cmd_counting_status), (kmem, cmd_counting_members), (kadd, cmd_counting_add),
+                     (krm, cmd_counting_remove)):
         sp.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
-        sp.set_defaults(func=fn)
+        sp.set_defaults(func=func)
     counting.set_defaults(func=lambda a: _usage(counting))
 
     chaos = sub.add_parser("chaos", help="break a local region on purpose, and watch it heal")
@@ -249,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     xpause.add_argument("--for", dest="seconds", type=float, default=5.0, help="seconds to keep it frozen (5)")
     xrestart = xsub.add_parser("restart-node", help="start a killed or stopped node again and wait for it")
     xrestart.add_argument("node")
-    for sp, fn in ((xkill, cmd_chaos_kill), (xaz, cmd_chaos_kill_az), (xpause, cmd_chaos_pause),
-                   (xrestart, cmd_chaos_restart)):
+    for sp, func in ((xkill, cmd_chaos_kill), (xaz, cmd_chaos_kill_az), (xpause, cmd_chaos_pause),
+                     (xrestart, cmd_chaos_restart)):
         sp.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
         sp.add_argument("--settle-s", type=float, default=2.0,
                         help="how long to wait before showing the region's state (2)")
-        sp.set_defaults(func=fn)
+        sp.set_defaults(func=func)
     chaos.set_defaults(func=lambda a: _usage(chaos))
 
     place = sub.add_parser("placement", help="operator: worker hosts, their health and leases")
@@ -264,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     pdr = psub.add_parser("drain", help="take a host out gracefully: no new sandboxes; existing ones finish")
     pdr.add_argument("node")
     pdr.add_argument("--undo", action="store_true", help="put a drained host back into service")
-    for sp, fn in ((pst, cmd_placement_status), (pdr, cmd_placement_drain)):
+    for sp, func in ((pst, cmd_placement_status), (pdr, cmd_placement_drain)):
         sp.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=region_help)
-        sp.set_defaults(func=fn)
+        sp.set_defaults(func=func)
     place.set_defaults(func=lambda a: _usage(place))
 
     inv = sub.add_parser("invoke", help="invoke a function and print its result")
