@@ -1,0 +1,5 @@
+import sys
+
+from flint.cli import main
+
+sys.exit(main())
