@@ -26,8 +26,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 from flint import Client  # noqa: E402
-from nodes.chaos import SteadyLoad, function_owner  # noqa: E402
 from nodes.local import Region  # noqa: E402
+from tests.support.load import SteadyLoad, function_owner  # noqa: E402
 
 TARGET_S = 2.0
 
