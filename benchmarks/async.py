@@ -12,40 +12,25 @@ execution records), p50/p99; and, beside it, the sync invoke path's p50/p99. Tar
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from _common import CORES, echo_code, local_region, p50, p99, parser, print_result  # first: the repository's path
 
-import uvloop  # noqa: E402
+import uvloop
 
-from flint.client import AsyncClient  # noqa: E402
-from nodes.local import Region  # noqa: E402
+from flint.client import AsyncClient
+from nodes.local import Region
 
-HANDLER = "def handle(event, context):\n    return event\n"
 TARGETS = {"accepted_per_s_min": 500.0, "accept_to_exec_p50_ms_max": 50.0}
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 async def run(region: Region, n_events: int, n_sync: int, callers: int) -> dict:
     client = AsyncClient.from_region(region.root, retries=0)
     try:
-        code = Path(tempfile.mkdtemp()) / "echo"
-        code.mkdir()
-        (code / "handler.py").write_text(HANDLER)
+        code = echo_code(Path(tempfile.mkdtemp()) / "echo")
         await client.create_function("echo", code=code, handler="handler.handle")
         for _ in range(50):
             await client.invoke("echo", {"warm": True})
@@ -96,29 +81,12 @@ def starts(region: Region) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2,000 events instead of 10,000")
-    ap.add_argument("--base-ip", default="127.81.0.1")
-    args = ap.parse_args()
+    args = parser(__doc__, "2,000 events instead of 10,000", base_ip="127.81.0.1").parse_args()
     n_events, n_sync = (2000, 300) if args.quick else (10000, 1000)
 
-    root = Path(tempfile.mkdtemp(prefix="flint-bench-async-"))
-    region = Region.create(root / "region", nodes=3, azs=3, base_ip=args.base_ip,
-                           settings={"record_executions": True})
-    region.start()
-    try:
-        region.wait_healthy(60)
-        region.ensure_tenant()
+    with local_region("async", args.base_ip, settings={"record_executions": True}) as region:
         res = uvloop.run(run(region, n_events, n_sync, callers=16))
         started = starts(region)
-    except Exception:
-        for n in region.nodes():  # say why before the region and its logs go
-            for line in (region.root / "nodes" / n["node_id"] / "node.log").read_text().splitlines()[-400:]:
-                if '"warning"' in line or '"error"' in line:
-                    print(n["node_id"], line[:300], file=sys.stderr)
-        raise
-    finally:
-        region.down(remove=True)
     lag = [(started[e] - t) * 1000 for e, t in res["accepted"].items() if e in started]
     out = {
         "benchmark": "async",
@@ -129,19 +97,19 @@ def main() -> None:
         "accept_errors": res["errors"],
         "accepted_per_s": round(len(res["accepted"]) / res["accept_s"], 1),
         "executed": len(lag),
-        "accept_to_exec_p50_ms": round(pct(lag, 50), 2),
-        "accept_to_exec_p99_ms": round(pct(lag, 99), 2),
-        "sync_p50_ms": round(pct(res["sync"], 50), 3),
-        "sync_p99_ms": round(pct(res["sync"], 99), 3),
+        "accept_to_exec_p50_ms": p50(lag, 2),
+        "accept_to_exec_p99_ms": p99(lag, 2),
+        "sync_p50_ms": p50(res["sync"], 3),
+        "sync_p99_ms": p99(res["sync"], 3),
         "targets": TARGETS,
-        "cores": os.cpu_count(),
+        "cores": CORES,
     }
     out["meets_targets"] = (
         out["accepted_per_s"] >= TARGETS["accepted_per_s_min"]
         and out["accept_to_exec_p50_ms"] <= TARGETS["accept_to_exec_p50_ms_max"]
         and out["executed"] == out["accepted"]
     )
-    print(json.dumps(out))
+    print_result(out)
 
 
 if __name__ == "__main__":

@@ -20,41 +20,26 @@ credits last during a leader failover (we count a gap under 100 ms as none). The
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# this script's own folder must not shadow the `counting` package with this very file
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from _common import CORES, HERE, local_region, p50, p99, parser, print_result  # first: the repository's path
 
-import uvloop  # noqa: E402
-import zmq.asyncio  # noqa: E402
+import uvloop
+import zmq.asyncio
 
-from counting.client import CountingClient  # noqa: E402
-from frontend.admission import Admission  # noqa: E402
-from nodes.local import Region  # noqa: E402
-from wire import messages as m  # noqa: E402
-from wire.errors import FlintError  # noqa: E402
-from wire.sockets import ClientPool, Failover, new_request_id  # noqa: E402
+from counting.client import CountingClient
+from frontend.admission import Admission
+from nodes.local import Region
+from wire import messages as m
+from wire.errors import FlintError
+from wire.client import ClientPool, Failover
+from wire.ids import new_request_id
 
 TENANT = "bench"
 CALLER_COUNTS = (1, 8, 64)
 TARGETS = {"admission_p99_ms": 1.5, "ratio_vs_etcd_min": 20.0, "failover_gap_ms_max": 100.0}
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 class Harness:
@@ -90,9 +75,9 @@ class Harness:
                         adm.release(ticket)
                     else:
                         lease_id = new_request_id()
-                        await self.counting.lease(lease_id=lease_id, holder="bench", endpoint="tcp://127.0.0.1:9",
-                                                  tenant=TENANT, function="fn", want=1, in_use=0,
-                                                  max_timeout_s=1.0, duration_s=3.0)
+                        await self.counting.lease(m.LeaseCredits(
+                            lease_id=lease_id, holder="bench", endpoint="tcp://127.0.0.1:9", tenant=TENANT,
+                            function="fn", want=1, in_use=0, max_timeout_s=1.0, duration_s=3.0))
                         latencies.append((time.perf_counter() - began) * 1000)
                         await self.counting.release_lease(lease_id, 0)
                 except FlintError:
@@ -111,8 +96,8 @@ class Harness:
         return {
             "callers": callers,
             "admissions_per_s": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(pct(latencies, 50), 4),
-            "p99_ms": round(pct(latencies, 99), 4),
+            "p50_ms": p50(latencies, 4),
+            "p99_ms": p99(latencies, 4),
             "errors": errors,
         }
 
@@ -121,9 +106,9 @@ class Harness:
         out = []
         for _ in range(n):
             began = time.perf_counter()
-            await self.pool.call(endpoint, m.ReleaseLease(lease_id="no-such-lease", in_use=0), timeout_s=3.0)
+            await self.pool.call(endpoint, m.ReleaseCreditLease(lease_id="no-such-lease", in_use=0), timeout_s=3.0)
             out.append((time.perf_counter() - began) * 1000)
-        return {"p50_ms": round(pct(out, 50), 3), "p99_ms": round(pct(out, 99), 3)}
+        return {"p50_ms": p50(out, 3), "p99_ms": p99(out, 3)}
 
     async def failover_gap(self, *, leases: bool) -> float:
         """Longest stretch without an admission from 0.5 s before the leader's SIGKILL to 4 s after it."""
@@ -157,7 +142,7 @@ def counting_leader(region: Region) -> str:
                 status = region.call("admin", m.NodeStatus(), node=n["node_id"], timeout_s=1.0)
             except FlintError:
                 continue
-            if status["raft"]["counting"]["state"] == "leader":
+            if status.raft["counting"].state == "leader":
                 return n["node_id"]
         time.sleep(0.2)
     raise RuntimeError("no counting leader")
@@ -195,21 +180,13 @@ async def measure_etcd(duration_s: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter runs; finishes in under two minutes")
-    ap.add_argument("--base-ip", default="127.79.0.1")
+    ap = parser(__doc__, "shorter runs; finishes in under two minutes", base_ip="127.79.0.1")
     ap.add_argument("--no-etcd", action="store_true", help="skip the etcd baseline (if etcd is not installed)")
     args = ap.parse_args()
     duration_s, commits = (2.0, 300) if args.quick else (8.0, 2000)
 
-    root = Path(tempfile.mkdtemp(prefix="flint-bench-counting-"))
-    region = Region.create(root / "region", nodes=3, azs=3, base_ip=args.base_ip)
-    region.start()
-    try:
-        region.wait_healthy(60)
+    with local_region("counting", args.base_ip, tenant=False) as region:
         flint = uvloop.run(measure_flint(region, duration_s, commits))
-    finally:
-        region.down(remove=True)
     etcd = None if args.no_etcd else uvloop.run(measure_etcd(duration_s))
 
     at64 = flint["leases"][64]
@@ -238,7 +215,7 @@ def main() -> None:
             for c in CALLER_COUNTS
         },
         "targets": TARGETS,
-        "cores": os.cpu_count(),
+        "cores": CORES,
     }
     ratios = [v["ratio_vs_etcd"] for v in out["by_callers"].values() if v["ratio_vs_etcd"] is not None]
     out["meets_targets"] = (
@@ -246,7 +223,7 @@ def main() -> None:
         and bool(ratios) and min(ratios) >= TARGETS["ratio_vs_etcd_min"]
         and out["failover_gap_ms"] <= TARGETS["failover_gap_ms_max"]
     )
-    print(json.dumps(out))
+    print_result(out)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,12 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
+from _common import p99, print_result
+
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 CLIENT_PORT = 2379
 PEER_PORT = 2380
 MEMBERS = 3
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def b64(s: str) -> str:
@@ -266,7 +263,7 @@ async def etcd_admissions(
         "elapsed_s": round(elapsed, 3),
         "admissions_per_s": round(n / elapsed, 1),
         "p50_ms": round(statistics.median(latencies), 3) if latencies else None,
-        "p99_ms": round(pct(latencies, 99), 3) if latencies else None,
+        "p99_ms": p99(latencies, 3) if latencies else None,
         "retries": retries,
         "rejected": rejected,
     }
@@ -289,7 +286,7 @@ def main() -> None:
     with EtcdCluster() as cluster:
         print(f"etcd {ETCD}: 3 members at {', '.join(cluster.endpoints)}, data in {cluster.root}", flush=True)
         results = uvloop.run(_run_all(cluster.endpoints, [1, 8, 64], 3.0))
-    print(json.dumps({"benchmark": "etcd_admission_baseline", "endpoints": cluster.endpoints, "results": results}))
+    print_result({"benchmark": "etcd_admission_baseline", "endpoints": cluster.endpoints, "results": results})
 
 
 if __name__ == "__main__":

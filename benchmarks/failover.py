@@ -11,23 +11,14 @@ of the two. Targets: recovery <= 2 s for each kind. The last line is one JSON ob
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from _common import CORES, ROOT, local_region, parser, print_result  # first: the repository's path
 
-from flint import Client  # noqa: E402
-from nodes.chaos import SteadyLoad, function_owner  # noqa: E402
-from nodes.local import Region  # noqa: E402
+from flint import Client
+from nodes.local import Region
+from tests.support.load import SteadyLoad, function_owner
 
 TARGET_S = 2.0
 
@@ -47,19 +38,11 @@ def measure(load: SteadyLoad, region: Region, kill) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one kill of each kind; under two minutes")
-    ap.add_argument("--base-ip", default="127.80.0.1")
-    args = ap.parse_args()
+    args = parser(__doc__, "one kill of each kind; under two minutes", base_ip="127.80.0.1").parse_args()
     rounds = 1 if args.quick else 3
 
-    root = Path(tempfile.mkdtemp(prefix="flint-bench-failover-"))
-    region = Region.create(root / "region", nodes=6, azs=3, base_ip=args.base_ip, settings={"orphan_grace_s": 5})
-    region.start()
     results: dict[str, list[dict]] = {"worker": [], "manager": [], "az": []}
-    try:
-        region.wait_healthy(60)
-        region.ensure_tenant()
+    with local_region("failover", args.base_ip, nodes=6, azs=3, settings={"orphan_grace_s": 5}) as region:
         with Client.from_region(region.root) as client:
             client.create_function("hello", code=ROOT / "examples" / "hello", handler="handler.handle")
             key = f"default/hello/$LATEST/{client.get_function('hello')['code_sha256'][:16]}"
@@ -77,8 +60,6 @@ def main() -> None:
             results["az"].append(measure(load, region, lambda a=az: [n for n, pid in region.kill_az(a).items() if pid]))
         load.stop()
         unclear = load.unclear
-    finally:
-        region.down(remove=True)
 
     def worst(kind: str, field: str) -> float | None:
         values = [r[field] for r in results[kind]]
@@ -102,13 +83,13 @@ def main() -> None:
         "errors_seen": {k: [r["errors"] for r in v] for k, v in results.items()},
         "unclear_errors": len(unclear),
         "target_recovery_s": TARGET_S,
-        "cores": os.cpu_count(),
+        "cores": CORES,
     }
     out["meets_targets"] = all(
         out[k] is not None and out[k] <= TARGET_S
         for k in ("worker_kill_recovery_s", "manager_kill_recovery_s", "az_kill_recovery_s")
     ) and not unclear
-    print(json.dumps(out))
+    print_result(out)
 
 
 if __name__ == "__main__":

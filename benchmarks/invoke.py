@@ -12,34 +12,24 @@ Targets (Flint's own, for a 2-core box): warm p50 <= 5 ms and p99 <= 15 ms with 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import CORES, echo_code, local_region, p50, p99, parser, print_result  # first: the repository's path
 
-import uvloop  # noqa: E402
-import zmq  # noqa: E402
-import zmq.asyncio  # noqa: E402
+import uvloop
+import zmq
+import zmq.asyncio
 
-from flint.client import AsyncClient  # noqa: E402
-from nodes.local import Region  # noqa: E402
+from flint.client import AsyncClient
+from nodes.local import Region
 
-HANDLER = "def handle(event, context):\n    return event\n"
 TARGETS = {"warm_p50_ms": 5.0, "warm_p99_ms": 15.0, "invokes_per_s": 300.0}
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 # --- baseline: a bare ZeroMQ round trip between two processes -------------------------------------------------------
@@ -101,9 +91,7 @@ def zmq_rtt(n: int, *, curve: bool) -> list[float]:
 async def measure(region: Region, n_single: int, n_multi: int, callers: int) -> dict:
     client = AsyncClient.from_region(region.root, retries=0)
     try:
-        code = Path(tempfile.mkdtemp()) / "echo"
-        code.mkdir()
-        (code / "handler.py").write_text(HANDLER)
+        code = echo_code(Path(tempfile.mkdtemp()) / "echo")
         await client.create_function("echo", code=code, handler="handler.handle")
         cold_t = time.perf_counter()
         first = await client.invoke("echo", {"warm": "up"})
@@ -152,52 +140,42 @@ async def measure(region: Region, n_single: int, n_multi: int, callers: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer invokes; finishes in well under a minute")
-    ap.add_argument("--base-ip", default="127.78.0.1")
-    args = ap.parse_args()
+    args = parser(__doc__, "fewer invokes; finishes in well under a minute", base_ip="127.78.0.1").parse_args()
     n_single, n_multi, n_rtt = (300, 1600, 2000) if args.quick else (2000, 8000, 10000)
     callers = 16
 
     plain = zmq_rtt(n_rtt, curve=False)
     curve = zmq_rtt(n_rtt, curve=True)
-    root = Path(tempfile.mkdtemp(prefix="flint-bench-"))
-    region = Region.create(root / "region", nodes=3, azs=3, base_ip=args.base_ip)
-    region.start()
-    try:
-        region.wait_healthy(60)
-        region.ensure_tenant()
+    with local_region("invoke", args.base_ip) as region:
         res = uvloop.run(measure(region, n_single, n_multi, callers))
-    finally:
-        region.down(remove=True)
 
     single, multi = res["single"], res["multi"]
     out = {
         "benchmark": "invoke",
         "quick": args.quick,
         "region": "3 nodes, 3 AZs, loopback, one process per node",
-        "warm_p50_ms": round(pct(single, 50), 3),
-        "warm_p99_ms": round(pct(single, 99), 3),
+        "warm_p50_ms": p50(single, 3),
+        "warm_p99_ms": p99(single, 3),
         "warm_mean_ms": round(statistics.fmean(single), 3),
         "invokes_per_s_1_caller": round(len(single) / (sum(single) / 1000), 1),
         "invokes_per_s": round(len(multi) / res["multi_elapsed_s"], 1),
-        "p50_ms_16_callers": round(pct(multi, 50), 3),
-        "p99_ms_16_callers": round(pct(multi, 99), 3),
+        "p50_ms_16_callers": p50(multi, 3),
+        "p99_ms_16_callers": p99(multi, 3),
         "errors_16_callers": res["multi_errors"],
         "error_kinds": res["error_kinds"],
         "cold_first_invoke_ms": res["cold_first_invoke_ms"],
-        "zmq_rtt_p50_ms": round(pct(plain, 50), 4),
-        "zmq_rtt_p99_ms": round(pct(plain, 99), 4),
-        "zmq_curve_rtt_p50_ms": round(pct(curve, 50), 4),
+        "zmq_rtt_p50_ms": p50(plain, 4),
+        "zmq_rtt_p99_ms": p99(plain, 4),
+        "zmq_curve_rtt_p50_ms": p50(curve, 4),
         "targets": TARGETS,
-        "cores": os.cpu_count(),
+        "cores": CORES,
     }
     out["meets_targets"] = (
         out["warm_p50_ms"] <= TARGETS["warm_p50_ms"]
         and out["warm_p99_ms"] <= TARGETS["warm_p99_ms"]
         and out["invokes_per_s"] >= TARGETS["invokes_per_s"]
     )
-    print(json.dumps(out))
+    print_result(out)
 
 
 if __name__ == "__main__":

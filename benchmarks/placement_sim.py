@@ -26,25 +26,17 @@ decisions/s. The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import heapq
-import json
 import math
-import os
 import random
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from _common import CORES, parser, print_result  # first: the repository's path
 
-from frontend.state import rendezvous_order  # noqa: E402
-from manager.state import BUSY, HeldWorkerLease, ManagerState, SandboxRecord  # noqa: E402
-from placement.state import SYSTEM_RESERVED_MB, PlacementState  # noqa: E402
-from wire.errors import ServiceException  # noqa: E402
+from frontend.state import rendezvous_order
+from manager.state import BUSY, HeldWorkerLease, ManagerState, SandboxRecord
+from placement.state import SYSTEM_RESERVED_MB, PlacementState
+from wire.errors import ServiceException
 
 WORKERS = 1000
 AZS = ("az1", "az2", "az3")
@@ -217,9 +209,7 @@ def allocated_profile(trace: Trace) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="a 60,000-invoke trace over 250 workers instead of 240,000 over 1,000")
+    ap = parser(__doc__, "a 60,000-invoke trace over 250 workers instead of 240,000 over 1,000")
     ap.add_argument("--seed", type=int, default=2019)
     args = ap.parse_args()
     invokes = 60_000 if args.quick else 240_000
@@ -260,7 +250,7 @@ def main() -> None:
                                  "binpack": binpack["no_capacity_failures"]},
         "decisions_per_s": flint["decisions_per_s"],
         "targets": TARGETS,
-        "cores": os.cpu_count(),
+        "cores": CORES,
     }
     out["meets_targets"] = (
         out["utilisation"] >= TARGETS["utilisation_min"]
@@ -268,7 +258,7 @@ def main() -> None:
         and out["decisions_per_s"] >= TARGETS["decisions_per_s_min"]
         and out["oversubscription_events"] == 0
     )
-    print(json.dumps(out))
+    print_result(out)
 
 
 if __name__ == "__main__":

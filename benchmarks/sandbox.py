@@ -21,9 +21,7 @@ one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -32,26 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from _common import CORES, ROOT, echo_code, p50, p99, parser, print_result  # first: the repository's path
 
-import psutil  # noqa: E402
-import uvloop  # noqa: E402
+import psutil
+import uvloop
 
-from wire import messages as m  # noqa: E402
-from worker import isolation as iso  # noqa: E402
-from worker.sandbox import SandboxProcess, SlotPool, Zygote  # noqa: E402
+from wire import messages as m
+from worker import isolation as iso
+from worker.sandbox import SandboxProcess, SlotPool, Zygote
 
-HANDLER = "def handle(event, context):\n    return event\n"
 BOOTSTRAP = ROOT / "worker" / "bootstrap.py"
 TARGETS = {"cold_p50_ms": 10.0, "cold_p99_ms": 25.0, "warm_overhead_p50_us": 200.0, "idle_pss_mib": 5.0}
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def config(name: str = "bench", memory_mb: int = 128) -> m.FunctionConfig:
@@ -62,7 +51,7 @@ def config(name: str = "bench", memory_mb: int = 128) -> m.FunctionConfig:
 async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: float) -> dict:
     cgroups = iso.Cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
     caps = iso.probe(cgroups)
-    zygote = Zygote(caps, os.cpu_count() or 1)
+    zygote = Zygote(caps, CORES or 1)
     await zygote.start()
     pool = SlotPool(zygote, cgroups, run_root, size=4)
     pool.start()
@@ -184,15 +173,11 @@ def _read_frame(stream) -> bytes:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer samples; finishes in under a minute")
-    args = ap.parse_args()
+    args = parser(__doc__, "fewer samples; finishes in under a minute").parse_args()
     n_cold, n_warm, n_base, rate_s = (100, 2000, 20, 3.0) if args.quick else (500, 20000, 60, 10.0)
 
     base = Path(tempfile.mkdtemp(prefix="flint-bench-sandbox-"))
-    code = base / "code"
-    code.mkdir()
-    (code / "handler.py").write_text(HANDLER)
+    code = echo_code(base / "code")
     for p in (base, code):
         p.chmod(0o755)
     try:
@@ -207,20 +192,20 @@ def main() -> None:
         "quick": args.quick,
         "isolation": caps.label(),
         "isolation_applied": caps.details()["applied"],
-        "cold_p50_ms": round(pct(res["cold"], 50), 2),
-        "cold_p99_ms": round(pct(res["cold"], 99), 2),
-        "cold_unprepared_p50_ms": round(pct(res["unprepared"], 50), 2),
-        "cold_unprepared_p99_ms": round(pct(res["unprepared"], 99), 2),
-        "fresh_python_cold_p50_ms": round(pct(fresh, 50), 2),
-        "fresh_python_cold_p99_ms": round(pct(fresh, 99), 2),
-        "bwrap_cold_p50_ms": round(pct(bw, 50), 2) if bw else None,
-        "bwrap_cold_p99_ms": round(pct(bw, 99), 2) if bw else None,
-        "warm_overhead_p50_us": round(pct(res["warm"], 50), 1),
-        "warm_overhead_p99_us": round(pct(res["warm"], 99), 1),
+        "cold_p50_ms": p50(res["cold"], 2),
+        "cold_p99_ms": p99(res["cold"], 2),
+        "cold_unprepared_p50_ms": p50(res["unprepared"], 2),
+        "cold_unprepared_p99_ms": p99(res["unprepared"], 2),
+        "fresh_python_cold_p50_ms": p50(fresh, 2),
+        "fresh_python_cold_p99_ms": p99(fresh, 2),
+        "bwrap_cold_p50_ms": p50(bw, 2) if bw else None,
+        "bwrap_cold_p99_ms": p99(bw, 2) if bw else None,
+        "warm_overhead_p50_us": p50(res["warm"], 1),
+        "warm_overhead_p99_us": p99(res["warm"], 1),
         "idle_pss_mib": round(sum(res["pss"]) / len(res["pss"]), 2),
         "sandboxes_per_s": round(res["rate"], 1),
         "targets": TARGETS,
-        "cores": os.cpu_count(),
+        "cores": CORES,
     }
     out["meets_targets"] = (
         caps.full
@@ -228,7 +213,7 @@ def main() -> None:
         and out["warm_overhead_p50_us"] <= TARGETS["warm_overhead_p50_us"]
         and out["idle_pss_mib"] <= TARGETS["idle_pss_mib"]
     )
-    print(json.dumps(out))
+    print_result(out)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ TICK_S = 0.05
 
 
 class Admission:
-    def __init__(self, counting: CountingClient, holder: str, endpoint: str, wallet: CreditWallet):
+    def __init__(self, counting: CountingClient, holder: str, endpoint: str, wallet: CreditWallet | None = None):
         self.counting = counting
         self.holder = holder
         self.endpoint = endpoint
-        self.wallet = wallet
+        self.wallet = wallet or CreditWallet(holder)
         self._inflight: dict[str, asyncio.Future] = {}  # lease id or "new:tenant/function" -> the grant coming
         self._waiting: dict[tuple[str, str], int] = {}
         self._wake = asyncio.Event()

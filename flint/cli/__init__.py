@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:
-        from nodes.config import ConfigError
+        from wire.config import ConfigError
         from nodes.local import RegionError
 
         if isinstance(err, (RegionError, ConfigError)):

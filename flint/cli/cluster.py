@@ -38,7 +38,7 @@ def _settings(pairs: list[str]) -> dict[str, Any]:
     """--set KEY=VALUE pairs as node settings, each VALUE read as TOML and checked as node.toml's would be."""
     import tomllib
 
-    from nodes.config import ConfigError, Settings, _sub
+    from wire.config import ConfigError, Settings, _sub
 
     out: dict[str, Any] = {}
     for pair in pairs:

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from flint import Client
-from nodes.chaos import SteadyLoad, function_owner
 from tests.conftest import ROOT, dump_logs, start_region
+from tests.support.load import SteadyLoad, function_owner
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
