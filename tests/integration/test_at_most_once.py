@@ -46,7 +46,7 @@ def test_a_retry_after_the_frontend_died_mid_invoke_does_not_run_the_function_ag
 
         caller = threading.Thread(target=call)
         caller.start()
-        wait_until(lambda: [e for e in executions(region) if e.function == "slow"], 10,
+        wait_until(lambda: executions(region), 10, until=lambda ex: any(e.function == "slow" for e in ex),
                    what="the function to start, through the victim's frontend")
         region.kill_node(victim["node_id"])
         caller.join(20)

@@ -125,7 +125,8 @@ def test_a_sync_invoke_that_may_have_started_is_not_sent_again_by_the_client(reg
             c.invoke("slow", {}, timeout_s=0.5)
     assert timed_out.value.reason == "Timeout"
     # a second send, had there been one, would have started in a sandbox of its own before the first one ended
-    wait_until(lambda: [e for e in executions(region) if e.function == "slow" and e.ended is not None], 10,
+    wait_until(lambda: executions(region), 10,
+               until=lambda ex: any(e.function == "slow" and e.ended is not None for e in ex),
                what="the invoke the client gave up on to end")
     assert len([e for e in executions(region) if e.function == "slow"]) == 1  # it ran once
     assert sum(r["sandboxes"] for r in region.status()) == before + 1  # in one sandbox

@@ -34,19 +34,20 @@ def make_group(tmp_path, base: str):
 
 
 async def wait_leader(groups, timeout_s=10.0):
-    await wait_until_async(lambda: all(g.has_leader for g in groups), timeout_s, interval_s=0.02,
+    await wait_until_async(lambda: [g.has_leader for g in groups], timeout_s, until=all, interval_s=0.02,
                            what="every replica to know a leader")
 
 
 async def wait_entries(groups, n: int, timeout_s=10.0):
-    await wait_until_async(lambda: all(len(g.machine.state.entries) >= n for g in groups), timeout_s,
-                           what=f"every replica to apply {n} entries")
+    await wait_until_async(lambda: [len(g.machine.state.entries) for g in groups], timeout_s,
+                           until=lambda counts: min(counts) >= n, what=f"every replica to apply {n} entries")
 
 
 async def wait_caught_up(groups, timeout_s=10.0):
     """Every replica has applied all that any of them knows to be committed (so a late, wrong entry shows)."""
     committed = max(g.sync.getStatus()["commit_idx"] for g in groups)
-    await wait_until_async(lambda: all(g.sync.getStatus()["last_applied"] >= committed for g in groups), timeout_s,
+    await wait_until_async(lambda: [g.sync.getStatus()["last_applied"] for g in groups], timeout_s,
+                           until=lambda applied: min(applied) >= committed,
                            what=f"every replica to apply the log up to index {committed}")
 
 
@@ -69,8 +70,8 @@ def close(groups):
     for g in groups:
         g.close()
     # pysyncobj closes its peer ports on its own thread, after close() returns
-    wait_until(lambda: all(port_free(g.config.self_address) for g in groups), 10,
-               what="pysyncobj to release the peer ports")
+    wait_until(lambda: {g.config.self_address: port_free(g.config.self_address) for g in groups}, 10,
+               until=lambda free: all(free.values()), what="pysyncobj to release the peer ports")
 
 
 def test_commands_apply_once_everywhere_and_survive_a_full_restart(tmp_path):
