@@ -123,9 +123,9 @@ class AsyncClient:
         return cls(cfg.endpoints, server_key=cfg.server_key, key=KeyPair.load(_key_file(cfg, key_file, operator)),
                    **kw)
 
-    async def _call(self, msg: m.Message, *, timeout_s: float | None = None) -> Any:
+    async def _call(self, msg: m.Message, *, timeout_s: float | None = None, request_id: str | None = None) -> Any:
         attempt = 0
-        request_id = new_request_id()  # one id for every retry: an Event accepted twice is one event
+        request_id = request_id or new_request_id()  # one id for every retry: an Event accepted twice is one event
         while True:
             try:
                 return await self.frontend.call(msg, timeout_s=timeout_s, request_id=request_id)
@@ -144,13 +144,20 @@ class AsyncClient:
         invocation_type: str = "RequestResponse",
         log_tail: bool = False,
         timeout_s: float | None = None,
+        request_id: str | None = None,
     ) -> InvokeResult:
+        """Invoke `function` with `payload` (JSON-encoded unless bytes). `request_id` (at most 64 characters) names
+        this call instead of a fresh id: pass an earlier call's id to send that call again as its own retry would,
+        e.g. after your process lost its answer. An Event already accepted under that id is the same event (its
+        id comes back again, it is not queued twice); a RequestResponse invoke already started under that id (in
+        the last 16 minutes) fails with ServiceException AlreadyStarted instead of running the function again."""
         body = payload if isinstance(payload, (bytes, bytearray)) or payload is None else json.dumps(payload).encode()
         try:
             resp = await self._call(
                 m.Invoke(function=function, qualifier=qualifier, invocation_type=invocation_type, log_tail=log_tail,
                          payload=bytes(body) if body is not None else None),
                 timeout_s=timeout_s,
+                request_id=request_id,
             )
         except PeerUnavailable as err:
             if err.reason != Reason.TIMEOUT or invocation_type != m.InvocationType.REQUEST_RESPONSE:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from flint import Client
 from tests.conftest import dump_logs, start_region
-from wire import messages as m
+from tests.support.cluster import executions, leader_of
 from wire.errors import FlintError
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -22,31 +21,6 @@ EVENTS = 2000
 SENDERS = 4
 SETTINGS = {"record_executions": True, "event_visibility_s": 4, "event_retry_backoff_s": 0.2}
 QUICK = "import time\n\ndef handle(event, context):\n    time.sleep(0.005)\n    return event['n']\n"
-
-
-def control_leader(region) -> str | None:
-    for n in ("n1", "n2", "n3"):
-        if region.pid(n) is None:
-            continue
-        try:
-            if region.call("admin", m.NodeStatus(), node=n, timeout_s=1.0).raft["control"].state == "leader":
-                return n
-        except FlintError:
-            continue
-    return None
-
-
-def executions(region) -> Counter:
-    """How many times each request id started, from every worker's record."""
-    starts: Counter = Counter()
-    for n in region.nodes():
-        path = Path(region.root) / "nodes" / n["node_id"] / "executions.log"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                parts = line.split()
-                if len(parts) >= 3 and parts[0] == "S":
-                    starts[parts[2]] += 1
-    return starts
 
 
 def test_every_accepted_event_runs_or_is_dead_lettered_through_frontend_and_leader_loss(tmp_path, report):
@@ -84,7 +58,7 @@ def test_every_accepted_event_runs_or_is_dead_lettered_through_frontend_and_lead
         region.kill_node("n4")  # a frontend node, its poller mid-delivery
         while sent[0] < EVENTS // 2:
             time.sleep(0.05)
-        leader = control_leader(region)
+        leader = leader_of(region, "control")
         assert leader is not None
         region.kill_node(leader)  # the leader of the group that holds the queue
         for t in threads:
@@ -109,7 +83,7 @@ def test_every_accepted_event_runs_or_is_dead_lettered_through_frontend_and_lead
         assert not missing, f"{len(missing)} accepted events are not in the queue at all"
         states = Counter(events[e]["state"] for e in accepted)
         assert set(states) <= {"done", "dlq"}, states
-        ran = executions(region)
+        ran = Counter(e.request_id for e in executions(region))  # how many times each request id started
         never_ran = [e for e in accepted if events[e]["state"] == "done" and ran[e] == 0]
         assert not never_ran, f"{len(never_ran)} events marked done never started on a worker"
         more_than_once = sum(1 for e in accepted if ran[e] > 1)

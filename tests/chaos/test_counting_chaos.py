@@ -12,13 +12,13 @@ import signal
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import uvloop
 
 from flint.client import AsyncClient, ClientConfig
 from tests.conftest import dump_logs, start_region
+from tests.support.cluster import executions, leader_of
 from wire import messages as m
 from wire.errors import FlintError, TooManyRequestsException
 from wire.keys import KeyPair
@@ -71,40 +71,13 @@ class Load:
             c.close()
 
 
-def leader_of(region, group: str) -> str | None:
-    for node in CONTROL:
-        if region.pid(node) is None:
-            continue
-        try:
-            status = region.call("admin", m.NodeStatus(), node=node, timeout_s=1.0)
-        except FlintError:
-            continue
-        if status.raft[group].state == "leader":
-            return node
-    return None
-
-
-def executions(region, killed_at: dict[str, float]) -> list[tuple[float, int]]:
-    """(time, +1/-1) events from every worker's journal; a start with no end ends when its node was killed."""
-    events = []
-    for node in FRONTENDS:
-        path = Path(region.root) / "nodes" / node / "executions.log"
-        starts: dict[str, float] = {}
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 3:
-                continue  # a line cut short by SIGKILL
-            kind, t, rid = parts[0], float(parts[1]), parts[2]
-            if kind == "S":
-                starts[rid] = t
-            elif kind == "E" and rid in starts:
-                events.append((starts.pop(rid), 1))
-                events.append((t, -1))
-        for t in starts.values():
-            end = killed_at.get(node, float("inf"))
-            events.append((t, 1))
-            events.append((end, -1))
-    return sorted(events, key=lambda e: (e[0], e[1]))
+def concurrency_changes(region, killed_at: dict[str, float]) -> list[tuple[float, int]]:
+    """(time, +1/-1) for every execution in the workers' journals; one with no end ended when its node was killed."""
+    changes = []
+    for e in executions(region, nodes=FRONTENDS):
+        changes.append((e.started, 1))
+        changes.append((e.ended if e.ended is not None else killed_at.get(e.node, float("inf")), -1))
+    return sorted(changes)
 
 
 def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
@@ -124,7 +97,7 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
         load.thread.start()
         time.sleep(2.5)
 
-        victim = leader_of(region, "counting")
+        victim = leader_of(region, "counting", nodes=CONTROL)
         assert victim is not None
         region.kill_node(victim)  # the counting leader, SIGKILL
         time.sleep(2.5)
@@ -134,7 +107,7 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
         os.kill(region.pid("n4"), signal.SIGCONT)
         time.sleep(1.5)
 
-        paused_leader = leader_of(region, "counting")
+        paused_leader = leader_of(region, "counting", nodes=CONTROL)
         if paused_leader is not None:
             os.kill(region.pid(paused_leader), signal.SIGSTOP)  # the new leader, frozen
             time.sleep(1.5)
@@ -150,7 +123,7 @@ def test_the_limit_holds_through_leader_and_frontend_failures(tmp_path, report):
 
         # 1. at no instant more executions than the limit
         running = peak = 0
-        for _, delta in executions(region, killed_at):
+        for _, delta in concurrency_changes(region, killed_at):
             running += delta
             peak = max(peak, running)
         report(f"peak concurrency {peak} (limit {LIMIT}); outcomes {dict(load.outcomes)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -11,6 +10,8 @@ from flint import Client
 from flint.client import ClientConfig
 from frontend.state import rendezvous_order
 from tests.conftest import dump_logs, start_region
+from tests.support.cluster import executions
+from tests.support.wait import wait_until
 from wire.errors import FlintError
 from wire.keys import KeyPair
 
@@ -20,7 +21,7 @@ SLOW = 'import time\n\ndef handle(event, context):\n    time.sleep(1.5)\n    ret
 
 
 def test_a_retry_after_the_frontend_died_mid_invoke_does_not_run_the_function_again(tmp_path):
-    region = start_region(tmp_path)
+    region = start_region(tmp_path, settings={"record_executions": True})
     try:
         cfg = ClientConfig.load(region.root)
         with Client.from_region(region.root) as admin:
@@ -45,12 +46,14 @@ def test_a_retry_after_the_frontend_died_mid_invoke_does_not_run_the_function_ag
 
         caller = threading.Thread(target=call)
         caller.start()
-        time.sleep(0.7)  # the function is running now, started through the victim's frontend
+        wait_until(lambda: executions(region), 10, until=lambda ex: any(e.function == "slow" for e in ex),
+                   what="the function to start, through the victim's frontend")
         region.kill_node(victim["node_id"])
         caller.join(20)
         # the client retried through another frontend with the same request id; the function's manager had
         # already started it once, so it refused rather than run it a second time
         assert "result" not in outcome, "the function ran a second time for one call"
+        assert len([e for e in executions(region) if e.function == "slow"]) == 1, "a worker started it twice"
         err = outcome["error"]
         assert err.type_name == "ServiceException" and err.reason == "AlreadyStarted" and not err.retryable
         assert "may have run" in err.message

@@ -6,12 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from flint import Client
 from tests.conftest import ROOT, start_region
+from tests.support.cluster import leader_of
+from tests.support.wait import wait_until
 from wire import messages as m
 from wire.errors import TooManyRequestsException
 
@@ -114,7 +115,7 @@ def test_counting_replicas_are_added_and_removed_while_serving(tmp_path):
             c.create_function("hello", code=ROOT / "examples" / "hello", handler="handler.handle")
             members = region.counting_add("n4")
             assert sorted(mb["node"] for mb in members) == ["n1", "n2", "n3", "n4"]
-            leader = next(mb["node"] for mb in members if mb["leader"])
+            leader = wait_until(lambda: leader_of(region, "counting"), 10, what="a counting leader")
             members = region.counting_remove(leader)  # the leader hands over, then leaves
             assert leader not in [mb["node"] for mb in members] and len(members) == 3
             assert any(mb["leader"] for mb in members)
@@ -125,9 +126,8 @@ def test_counting_replicas_are_added_and_removed_while_serving(tmp_path):
         out = subprocess.run([sys.executable, "-m", "flint", "counting", "members", "--dir", str(region.root)],
                              capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0 and "n4" in out.stdout and leader not in out.stdout
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(mb["connected"] for mb in region.counting_members()):
-            time.sleep(0.2)
-        assert all(mb["connected"] for mb in region.counting_members())
+        wait_until(region.counting_members, 10, interval_s=0.2,
+                   until=lambda members: all(mb["connected"] for mb in members),
+                   what="every counting replica to be connected")
     finally:
         region.down()

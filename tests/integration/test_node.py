@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -16,6 +15,7 @@ import zmq.asyncio
 
 from flint import Client
 from tests.conftest import ROOT, start_region
+from tests.support.wait import wait_until
 from wire import messages as m
 from wire.client import ClientPool
 
@@ -34,6 +34,13 @@ def inject(region, node_id: str, role: str) -> None:
             ctx.destroy(linger=0)
 
     asyncio.run(go())
+
+
+def wait_restarted(region, node_id: str, role: str, restarts: int) -> None:
+    """Until the node has noticed `role`'s crashes (`restarts` of them in its window) and runs it again."""
+    wait_until(lambda: region.call("admin", m.NodeStatus(), node=node_id, timeout_s=1.0).role_states[role], 10,
+               until=lambda state: state == m.RoleState(state="running", restarts=restarts),
+               what=f"{node_id} to run {role} again after crash {restarts}")
 
 
 def wait_exit(pid: int, timeout_s: float) -> int | None:
@@ -56,8 +63,9 @@ def test_sigterm_stops_the_node_cleanly_with_its_sandboxes(tmp_path):
         assert len(sandboxes) >= 3, "the invoke should have left a warm sandbox beside the zygote"
         os.kill(pid, signal.SIGTERM)
         assert wait_exit(pid, 15) == 0
-        time.sleep(0.2)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sandboxes)
+        wait_until(lambda: [p for p in sandboxes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 0.2,
+                   until=lambda alive: not alive, ignoring=(psutil.NoSuchProcess,),
+                   what="the node's sandboxes to be gone with it")
         log = (region.root / "nodes" / "n1" / "node.log").read_text().splitlines()
         events = [json.loads(line) for line in log if line.startswith("{")]
         assert events[-1]["event"] == "node.stopped" and events[-1]["exit_code"] == 0
@@ -70,7 +78,7 @@ def test_a_crashed_role_is_restarted_and_repeated_crashes_end_the_node(tmp_path)
     region = start_region(tmp_path, nodes=1, azs=1, settings={"role_restarts": 2, "role_restart_window_s": 60})
     try:
         inject(region, "n1", "frontend")
-        time.sleep(0.8)
+        wait_restarted(region, "n1", "frontend", 1)
         region.wait_healthy(20)
         with Client.from_region(region.root) as client:
             client.create_function("hello", code=ROOT / "examples" / "hello", handler="handler.handle")
@@ -79,7 +87,7 @@ def test_a_crashed_role_is_restarted_and_repeated_crashes_end_the_node(tmp_path)
         assert status["n1"]["health"] == "healthy"
         pid = region.pid("n1")
         inject(region, "n1", "frontend")  # second restart: still within budget
-        time.sleep(0.8)
+        wait_restarted(region, "n1", "frontend", 2)
         inject(region, "n1", "frontend")  # third crash within the window: over budget, the node must exit
         code = wait_exit(pid, 15)
         assert code == 3, "a node whose role keeps crashing exits non-zero instead of running half alive"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from flint import Client
 from tests.conftest import dump_logs, start_region
+from tests.support.wait import wait_until
 from wire import messages as m
 
 pytestmark = pytest.mark.slow
@@ -28,10 +27,8 @@ def test_an_empty_lease_goes_back_within_seconds_where_its_az_is_short_of_room(t
             assert leases.headroom.short_azs == (az,)
             # the idle sandbox is reaped after its 1 s keep-alive, and its empty lease goes back in seconds,
             # not after the 5 minutes an unused lease is otherwise kept
-            deadline = time.monotonic() + 20
-            while region.call("placement", m.ListWorkerLeases()).leases and time.monotonic() < deadline:
-                time.sleep(0.5)
-            after = region.call("placement", m.ListWorkerLeases())
+            after = wait_until(lambda: region.call("placement", m.ListWorkerLeases()), 20, interval_s=0.5,
+                               until=lambda leases: not leases.leases, what="the empty lease to go back")
             assert after.leases == () and after.headroom.short_azs == ()
             assert client.invoke("hello", {"name": "again"}).function_error is None  # and the next invoke leases afresh
     except Exception:

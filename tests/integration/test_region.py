@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
 from collections import defaultdict
 
@@ -13,6 +12,8 @@ import pytest
 from flint import Client
 from flint.client import ClientConfig
 from tests.conftest import dump_logs, start_region
+from tests.support.cluster import executions
+from tests.support.wait import wait_until
 from wire.errors import (
     AccessDeniedException,
     InvalidParameterValueException,
@@ -31,7 +32,7 @@ FAILING = 'def handle(event, context):\n    raise RuntimeError("the handler fail
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory):
-    region = start_region(tmp_path_factory.mktemp("region"))
+    region = start_region(tmp_path_factory.mktemp("region"), settings={"record_executions": True})
     yield region
     region.down()
 
@@ -123,8 +124,12 @@ def test_a_sync_invoke_that_may_have_started_is_not_sent_again_by_the_client(reg
         with pytest.raises(PeerUnavailable, match="may still be running") as timed_out:
             c.invoke("slow", {}, timeout_s=0.5)
     assert timed_out.value.reason == "Timeout"
-    time.sleep(1.0)  # a retry, had there been one, would be running in a sandbox of its own by now
-    assert sum(r["sandboxes"] for r in region.status()) == before + 1  # it ran once: one sandbox
+    # a second send, had there been one, would have started in a sandbox of its own before the first one ended
+    wait_until(lambda: executions(region), 10,
+               until=lambda ex: any(e.function == "slow" and e.ended is not None for e in ex),
+               what="the invoke the client gave up on to end")
+    assert len([e for e in executions(region) if e.function == "slow"]) == 1  # it ran once
+    assert sum(r["sandboxes"] for r in region.status()) == before + 1  # in one sandbox
     assert client.invoke("slow", {}).json() == "done"
 
 

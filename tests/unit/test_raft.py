@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
+import socket
 
 import pytest
 import uvloop
 
 from tests.conftest import fresh_base_ip
+from tests.support.wait import wait_until, wait_until_async
 from wire.errors import ResourceConflictException
 from wire.raft import GroupConfig, RaftGroup
 
@@ -36,19 +36,45 @@ def make_group(tmp_path, base: str):
     ]
 
 
-async def wait_leader(groups, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(g.has_leader for g in groups):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("no leader elected")
+async def wait_leader(groups, timeout_s=10.0):
+    await wait_until_async(lambda: [g.has_leader for g in groups], timeout_s, until=all, interval_s=0.02,
+                           what="every replica to know a leader")
+
+
+async def wait_entries(groups, n: int, timeout_s=10.0):
+    await wait_until_async(lambda: [len(g.machine.state.entries) for g in groups], timeout_s,
+                           until=lambda counts: min(counts) >= n, what=f"every replica to apply {n} entries")
+
+
+async def wait_caught_up(groups, timeout_s=10.0):
+    """Every replica has applied all that any of them knows to be committed (so a late, wrong entry shows)."""
+    committed = max(g.sync.getStatus()["commit_idx"] for g in groups)
+    await wait_until_async(lambda: [g.sync.getStatus()["last_applied"] for g in groups], timeout_s,
+                           until=lambda applied: min(applied) >= committed,
+                           what=f"every replica to apply the log up to index {committed}")
+
+
+def port_free(address: str) -> bool:
+    """Whether a new replica could bind `address` now, as pysyncobj binds (SO_REUSEADDR: only a listener is in
+    the way)."""
+    host, port = address.rsplit(":", 1)
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, int(port)))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def close(groups):
     for g in groups:
         g.close()
-    time.sleep(0.3)  # pysyncobj releases its ports asynchronously
+    # pysyncobj closes its peer ports on its own thread, after close() returns
+    wait_until(lambda: {g.config.self_address: port_free(g.config.self_address) for g in groups}, 10,
+               until=lambda free: all(free.values()), what="pysyncobj to release the peer ports")
 
 
 def test_commands_apply_once_everywhere_and_survive_a_full_restart(tmp_path):
@@ -65,7 +91,7 @@ def test_commands_apply_once_everywhere_and_survive_a_full_restart(tmp_path):
             assert await groups[0].submit("add", {"value": 99}, request_id="req-3") == 4
             with pytest.raises(ResourceConflictException, match="negative"):
                 await groups[1].submit("add", {"value": -1}, request_id="neg")
-            await asyncio.sleep(0.3)
+            await wait_caught_up(groups)
             assert all(g.machine.state.entries == list(range(30)) for g in groups)
         finally:
             close(groups)
@@ -74,9 +100,7 @@ def test_commands_apply_once_everywhere_and_survive_a_full_restart(tmp_path):
         groups = make_group(tmp_path, base)
         try:
             await wait_leader(groups)
-            deadline = time.monotonic() + 10
-            while any(len(g.machine.state.entries) < 30 for g in groups) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await wait_entries(groups, 30)
             assert all(g.machine.state.entries == list(range(30)) for g in groups)
             assert await groups[2].submit("add", {"value": 7}, request_id="req-5") == 6  # dedup survived
             assert await groups[2].submit("add", {"value": 30}, request_id="req-30") == 31
@@ -88,8 +112,6 @@ def test_commands_apply_once_everywhere_and_survive_a_full_restart(tmp_path):
 
 
 def test_peer_port_binds_only_the_cluster_address(tmp_path):
-    import socket
-
     base = fresh_base_ip()
     groups = make_group(tmp_path, base)
     try:

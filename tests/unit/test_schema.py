@@ -1,12 +1,14 @@
 """Message types refuse malformed fields in one place, naming the field."""
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from wire import messages as m
 from wire.errors import FlintError, InvalidParameterValueException, InvalidRequestContentException
-from wire.schema import OPS
+from wire.schema import OPS, Message, message, text
 
 
 def config_fields(**over):
@@ -56,10 +58,31 @@ def test_nested_errors_name_the_path():
         m.Reserve.from_fields({"config": {"tenant": "t", "name": "f", "code_sha256": "a" * 64}, "request_id": "r"})
 
 
-def test_every_op_is_registered_once_with_a_service_prefix_or_tenant_name():
-    assert len(OPS) == len(set(OPS))
-    for op, cls in OPS.items():
-        assert cls.op == op
+def test_declaring_an_op_twice_is_refused():
+    with pytest.raises(AssertionError, match="op 'invoke' declared twice"):
+        @message("invoke")
+        class AnotherInvoke(Message):
+            function: str = text(max_len=64)
+    assert OPS["invoke"] is m.Invoke
+
+
+# who answers an op: the prefix names the service (or the node daemon's admin endpoint, or the frontend's tenant
+# administration); an op without one is a tenant's, named as in Lambda's API
+SERVICES = {"registry", "counting", "placement", "manager", "worker", "node", "tenant"}
+
+
+def test_every_op_in_the_message_module_is_its_own_once_with_a_service_prefix_or_tenant_name():
+    # collected from the module itself, not from the registry: a subclass that inherits its parent's op, or a
+    # class whose name another one shadows, shows up here and nowhere else
+    requests = {obj for obj in vars(m).values()
+                if isinstance(obj, type) and issubclass(obj, Message) and obj is not Message and obj.op}
+    ops = sorted(cls.op for cls in requests)
+    assert [op for op in ops if ops.count(op) > 1] == [], "two message types answer to one op"
+    assert {cls.op: cls for cls in requests} == OPS, "the registry and the message module disagree"
+    for op in ops:
+        service, _, name = op.rpartition(".")
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", name), f"{op!r}: not a snake_case name"
+        assert service == "" or service in SERVICES, f"{op!r}: {service!r} is no service"
 
 
 @given(st.dictionaries(st.text(max_size=12), st.one_of(st.none(), st.integers(), st.text(), st.booleans(),
