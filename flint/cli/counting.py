@@ -30,23 +30,22 @@ def cmd_counting_status(args: argparse.Namespace) -> int:
     region = region_from(args)
     status = region.call("counting", m.CountingStatus(tenant=args.tenant))
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(status.to_fields(), indent=2))
         return 0
-    for tenant, view in status["tenants"].items():
-        print(f"tenant {tenant}: limit {view['limit']} (unreserved min {view['unreserved_min']})")
-        for pool, p in view["pools"].items():
-            print(f"  pool {pool:<24} capacity {p['capacity']:>6}  held {p['held']:>6}  in use {p['in_use']:>6}  "
-                  f"leases {p['leases']}")
-    leases = status.get("lease_details", [])
-    if leases:
+    for tenant, view in status.tenants.items():
+        print(f"tenant {tenant}: limit {view.limit} (unreserved min {view.unreserved_min})")
+        for pool, p in view.pools.items():
+            print(f"  pool {pool:<24} capacity {p.capacity:>6}  held {p.held:>6}  in use {p.in_use:>6}  "
+                  f"leases {p.leases}")
+    if status.lease_details:
         print(f"\n{'LEASE':<28} {'TENANT':<12} {'POOL':<14} {'CREDITS':>7} {'IN USE':>6} {'TARGET':>6} {'EXPIRES':>8}")
-        for lease in leases:
-            target = "-" if lease["target"] is None else str(lease["target"])
-            print(f"{lease['lease_id']:<28} {lease['tenant']:<12} {lease['pool']:<14} {lease['credits']:>7} "
-                  f"{lease['in_use']:>6} {target:>6} {lease['expires_in_s']:>7.1f}s")
-    raft = status["raft"]
-    print(f"\nraft: replica {raft['self']} is {raft['state']}, leader {raft['leader'] or 'unknown'}, "
-          f"commit {raft['commit_idx']}, ledger digest {status['digest']}")
+        for lease in status.lease_details:
+            target = "-" if lease.target is None else str(lease.target)
+            print(f"{lease.lease_id:<28} {lease.tenant:<12} {lease.pool:<14} {lease.credits:>7} "
+                  f"{lease.in_use:>6} {target:>6} {lease.expires_in_s:>7.1f}s")
+    raft = status.raft
+    print(f"\nraft: replica {raft.address} is {raft.state}, leader {raft.leader or 'unknown'}, "
+          f"commit {raft.commit_idx}, ledger digest {status.digest}")
     return 0
 
 
