@@ -1,8 +1,10 @@
 """The node daemon: runs one host's roles under a supervisor.
 
 A role that crashes is restarted with backoff; one that crashes more than `role_restarts` times within
-`role_restart_window_s` ends the node with a non-zero exit, so a host is never left half alive. SIGTERM stops
-every role (sandboxes included), closes the Raft groups and exits 0.
+`role_restart_window_s` ends the node with a non-zero exit, so a host is never left half alive. SIGTERM drains:
+every service refuses new requests (ShuttingDown, so callers go elsewhere at once) and the requests in hand,
+running invokes included, get up to `shutdown_grace_s` to finish; then every role stops (sandboxes included),
+the Raft groups close and the node exits 0.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class Node:
         self._tasks = [loop.create_task(self._supervise(r), name=f"supervise:{r.name}") for r in self.roles.values()]
         await self._stop.wait()
         log.info("node.stopping", exit_code=self.exit_code)
+        if self.exit_code == 0:  # asked to stop (SIGTERM): what is running gets its grace
+            grace_s = c.settings.shutdown_grace_s
+            unfinished = await host.drain(grace_s)
+            log.info("node.drained", grace_s=grace_s, unfinished=unfinished)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,6 +1,6 @@
 """How other services talk to the registry: any control node, failing over between them.
 
-Changes are typed messages (wire.messages, `registry.*` and `events.*`): `command()` sends one and returns its
+Changes are typed messages (wire.messages, `registry.*`): `command()` sends one and returns its
 typed reply; the reads below return what callers use. Queue writes go straight to the control leader when the
 caller knows where it is (a frontend on a control node), saving a forwarding hop.
 """

@@ -18,7 +18,7 @@ import heapq
 from collections import deque
 from typing import Any
 
-from wire.messages import EventState, SettleOutcome
+from wire.messages import EVENT_AGE_S_MAX, RETRIES_MAX, EventState, SettleOutcome
 
 QUEUED, INFLIGHT, DONE, DLQ = EventState.QUEUED, EventState.INFLIGHT, EventState.DONE, EventState.DLQ
 DONE_RETENTION_S = 3600.0  # finished events stay listable this long
@@ -62,14 +62,15 @@ class EventQueue:
 
     # --- commands ------------------------------------------------------------------------------------------------
 
-    def put(self, now: float, event_id: str, tenant: str, function: str, qualifier: str | None, payload: bytes,
-            max_retries: int = 2, max_age_s: float = 6 * 3600) -> dict[str, Any]:
+    def put(self, now: float, event_id: str, tenant: str, function: str, payload: bytes,
+            qualifier: str | None = None, max_retries: int = RETRIES_MAX,
+            max_age_s: float = EVENT_AGE_S_MAX) -> dict[str, Any]:
         """Accept an event. Idempotent: the same id (a client's retry) is the same event."""
         existing = self.events.get(event_id)
         if existing is not None:
             return existing.view()
         self._collect(now)
-        event = Event(event_id, tenant, function, qualifier, payload, now, max(0, min(2, max_retries)),
+        event = Event(event_id, tenant, function, qualifier, payload, now, max(0, min(RETRIES_MAX, max_retries)),
                       max_age_s, visible_at=now)
         self.events[event_id] = event
         self._push(event)

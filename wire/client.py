@@ -119,7 +119,10 @@ class Client:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # consumed here, so asyncio does not warn about a failure nobody awaited
         if header.get("ok") is not True:
-            raise from_reply(header.get("error"))
+            err = from_reply(header.get("error"))
+            if err.reason == Reason.SHUTTING_DOWN:  # refused before anything ran: the same as never sent
+                raise PeerUnavailable(err.message, reason=Reason.NOT_SENT)
+            raise err
         reply_cls = type(msg).reply
         try:
             return reply_cls.from_wire(header, payload)

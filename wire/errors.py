@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     WORKER_LOST = "WorkerLost"
     ADMISSION_EXPIRED = "AdmissionExpired"
     ALREADY_STARTED = "AlreadyStarted"
+    SHUTTING_DOWN = "ShuttingDown"  # the node is stopping: the request was refused before anything ran
     # replicated state (ServiceException)
     NOT_A_REPLICA = "NotAReplica"
     NO_QUORUM = "NoQuorum"

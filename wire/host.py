@@ -4,6 +4,7 @@ and the admin status). The node daemon (nodes/) builds one Host and hands it to 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class Host:
         self.auth = Authenticator(self.ctx, self.keys.public)
         self.groups: dict[str, RaftGroup] = {}
         self.facts = HostFacts()
+        self.servers: dict[str, Server] = {}  # the latest server of each service this node runs
         self._failovers: dict[str, Failover] = {}
 
     @property
@@ -91,7 +93,7 @@ class Host:
         zap_domain: str = "cluster",
         allowed: Callable[[Caller], bool] = cluster_only,
     ) -> Server:
-        return Server(
+        server = Server(
             self.ctx,
             self.config.bind_endpoint(service),
             self.keys,
@@ -100,6 +102,15 @@ class Host:
             zap_domain=zap_domain,
             allowed=allowed,
         )
+        self.servers[service] = server
+        return server
+
+    async def drain(self, grace_s: float) -> int:
+        """A graceful stop: every service refuses new requests and those in hand get up to `grace_s` to finish
+        (an invoke running in a sandbox here, one this node's frontend is waiting on). Returns how many did
+        not finish in time."""
+        left = await asyncio.gather(*(s.drain(grace_s) for s in self.servers.values()))
+        return sum(left)
 
     def close(self) -> None:
         self.pool.close()

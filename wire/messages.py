@@ -669,7 +669,7 @@ class GetBlob(Message):
 # --- registry: the async event queue -----------------------------------------------------------------------------
 
 
-@message("events.put", reply=EventReply)
+@message("registry.put_event", reply=EventReply)
 class EventsPut(Message):
     event_id: str = text(ID_MAX + 3)
     tenant: str = text(NAME_MAX)
@@ -685,7 +685,7 @@ class TakenEvents(Message):
     events: tuple = nested_list(EventView, 10_000)
 
 
-@message("events.take", reply=TakenEvents)
+@message("registry.take_events", reply=TakenEvents)
 class EventsTake(Message):
     poller: str = text(ID_MAX)
     limit: int = integer(1, 10_000)
@@ -711,13 +711,13 @@ class SettledEvents(Message):
     results: tuple = nested_list(Settled, 10_000)
 
 
-@message("events.settle", reply=SettledEvents)
+@message("registry.settle_events", reply=SettledEvents)
 class EventsSettle(Message):
     poller: str = text(ID_MAX)
     outcomes: tuple = nested_list(Settlement, 10_000)
 
 
-@message("events.redrive", reply=Redriven)
+@message("registry.redrive_events", reply=Redriven)
 class EventsRedrive(Message):
     tenant: str = text(NAME_MAX)
     event_ids: tuple | None = text_list(10_000, default=None)
@@ -728,19 +728,19 @@ class Visible(Message):
     visible: bool = flag()
 
 
-@message("events.visible", reply=Visible)
+@message("registry.events_visible", reply=Visible)
 class EventsVisible(Message):
     """Whether a take could find anything now (read on the local replica, before committing a take)."""
 
 
-@message("events.list", reply=EventList)
+@message("registry.list_events", reply=EventList)
 class EventsList(Message):
     tenant: str = text(NAME_MAX)
     state: str | None = text(16, choices=EventState, default=None)
     limit: int = integer(1, 10_000, default=100)
 
 
-@message("events.get", reply=EventReply)
+@message("registry.get_event", reply=EventReply)
 class EventsGet(Message):
     tenant: str = text(NAME_MAX)
     event_id: str = text(ID_MAX + 3)

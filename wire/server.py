@@ -22,6 +22,7 @@ from wire.errors import (
     AccessDeniedException,
     FlintError,
     InvalidRequestContentException,
+    Reason,
     ServiceException,
 )
 from wire.ids import now_ms
@@ -89,6 +90,7 @@ class Server:
         self.handlers = {cls.op: h for cls, h in handlers.items()}
         self.allowed = allowed
         self.stats = ServerStats()
+        self.accepting = True  # False once draining: new requests are refused, those in hand finish
         self._tasks = Background(f"server:{name}")
         sock = ctx.socket(zmq.ROUTER)
         tune(sock)
@@ -112,6 +114,13 @@ class Server:
     def close(self) -> None:
         self.sock.close(0)
 
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking new requests (each gets ServiceException ShuttingDown: nothing of it ran, so its caller
+        may go elsewhere at once) and wait up to `grace_s` for the requests in hand to be answered. Returns how
+        many were still running when the grace ran out."""
+        self.accepting = False
+        return await self._tasks.wait(grace_s)
+
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
             self.stats.dropped += 1  # an identity with nothing after it: nothing to answer
@@ -134,6 +143,11 @@ class Server:
             return
         if deadline is not None and deadline < now_ms():
             self.stats.dropped += 1  # the caller has given up already
+            return
+        if not self.accepting:
+            self._send_error(identity, request_id, ServiceException(
+                f"the {self.name} service on this node is shutting down; nothing ran. Retry on another node.",
+                reason=Reason.SHUTTING_DOWN))
             return
         self._tasks.spawn(self._handle(identity, handler, Request(msg, request_id, deadline, caller)))
 

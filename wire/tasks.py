@@ -36,6 +36,14 @@ class Background:
             log.error("task.failed", owner=self.owner, task=task.get_name(), error_type=type(exc).__name__,
                       error=str(exc), exc_info=exc)
 
+    async def wait(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the tasks running now to end; returns how many had not."""
+        pending = [t for t in self._tasks if not t.done()]
+        if not pending:
+            return 0
+        _, still = await asyncio.wait(pending, timeout=timeout_s)
+        return len(still)
+
     def cancel(self) -> None:
         for task in list(self._tasks):
             task.cancel()

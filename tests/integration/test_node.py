@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
@@ -15,6 +16,7 @@ import zmq.asyncio
 
 from flint import Client
 from tests.conftest import ROOT, start_region
+from tests.support.cluster import executions
 from tests.support.wait import wait_until
 from wire import messages as m
 from wire.client import ClientPool
@@ -70,6 +72,40 @@ def test_sigterm_stops_the_node_cleanly_with_its_sandboxes(tmp_path):
         events = [json.loads(line) for line in log if line.startswith("{")]
         assert events[-1]["event"] == "node.stopped" and events[-1]["exit_code"] == 0
         assert all(e.get("node") == "n1" and e.get("az") == "az1" for e in events)
+    finally:
+        region.down()
+
+
+SLOW = "import time\n\ndef handle(event, context):\n    time.sleep(event['s'])\n    return {'slept': event['s']}\n"
+
+
+def test_sigterm_lets_a_running_invoke_finish_within_the_grace_then_exits_0(tmp_path):
+    region = start_region(tmp_path, nodes=1, azs=1, settings={"shutdown_grace_s": 10.0, "record_executions": True})
+    code = tmp_path / "slow"
+    code.mkdir()
+    (code / "handler.py").write_text(SLOW)
+    outcome: dict = {}
+
+    def invoke() -> None:
+        with Client.from_region(region.root, timeout_s=30, retries=0) as client:
+            try:
+                outcome["result"] = client.invoke("slow", {"s": 2.0})
+            except Exception as exc:  # what the test reports if the stop cut the invoke off
+                outcome["error"] = exc
+
+    try:
+        with Client.from_region(region.root) as client:
+            client.create_function("slow", code=code, handler="handler.handle", timeout_s=10)
+        caller = threading.Thread(target=invoke)
+        caller.start()
+        wait_until(lambda: executions(region), 15, until=lambda ex: any(e.function == "slow" for e in ex),
+                   what="the slow invoke to start")
+        pid = region.pid("n1")
+        os.kill(pid, signal.SIGTERM)
+        caller.join(30)
+        assert "error" not in outcome, f"the stop cut a running invoke off: {outcome.get('error')}"
+        assert outcome["result"].function_error is None and outcome["result"].json() == {"slept": 2.0}
+        assert wait_exit(pid, 15) == 0
     finally:
         region.down()
 
