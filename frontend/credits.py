@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from wire.config import DEFAULTS
+from wire.config import DEFAULTS, SKEW_MARGIN_S
 from wire.errors import Reason, TooManyRequestsException
 from wire.messages import CreditGrant
 
-DEFAULT_SKEW_MARGIN_S = 0.25
 DEFAULT_IDLE_RETURN_S = 2.0
 MIN_BLOCK = 2
 
@@ -75,7 +74,7 @@ class CreditWallet:
         self,
         holder: str,
         lease_s: float = DEFAULTS.credit_lease_s,
-        skew_margin_s: float = DEFAULT_SKEW_MARGIN_S,
+        skew_margin_s: float = SKEW_MARGIN_S,
         idle_return_s: float = DEFAULT_IDLE_RETURN_S,
     ):
         self.holder = holder

@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wire.messages import RAFT_GROUPS, ROLES
+from wire.messages import MEMORY_MB_MAX, MEMORY_MB_MIN, RAFT_GROUPS, ROLES, TIMEOUT_S_MAX
 from wire.transport import endpoint
 
 
@@ -73,6 +74,49 @@ class Settings:
     event_retry_backoff_s: float = 60.0  # async: the wait before a retry after a function error (doubles)
     event_visibility_s: float = 60.0  # async: a taken event reappears this long after its poller went quiet
     event_pollers: int = 16  # async: executions of queued events one frontend runs at once
+
+    def validate(self) -> Settings:
+        """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
+        naming what to change."""
+        for name, (low, high) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                where = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+                raise ConfigError(f"{name} = {value:g}: it must be {where}")
+        for fields, holds, why in _RELATIONS:
+            if not holds(self):
+                values = ", ".join(f"{f} = {getattr(self, f):g}" for f in fields)
+                raise ConfigError(f"{values}: {why}")
+        return self
+
+
+SKEW_MARGIN_S = 0.25  # a frontend stops admitting on a credit lease this long before the ledger's expiry
+# (low, high or None) of every numeric setting
+_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "heartbeat_interval_s": (0.05, 60), "missed_heartbeats": (1, 100), "keep_alive_s": (0.1, None),
+    "worker_lease_s": (1, 7 * 24 * 3600), "lease_block_mb": (MEMORY_MB_MIN, 1_000_000), "hold_down_s": (0, 3600),
+    "orphan_grace_s": (0.1, None), "worker_memory_mb": (0, None), "function_cache_ttl_s": (0, 3600),
+    "code_cache_mb": (1, None), "unzipped_max_mb": (1, 10_240), "role_restarts": (0, 1000),
+    "role_restart_window_s": (1, None), "max_sandboxes": (1, 100_000), "sandbox_pids_max": (4, 100_000),
+    "sandbox_tmp_mb": (1, MEMORY_MB_MAX), "sandbox_pool": (0, 1000), "shutdown_grace_s": (0, TIMEOUT_S_MAX),
+    "credit_lease_s": (4 * SKEW_MARGIN_S, 60), "cold_start_allowance_s": (0, TIMEOUT_S_MAX),
+    "default_tenant_limit": (0, 1_000_000), "unreserved_min": (0, 1_000_000),
+    "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
+}
+# (the settings involved, what must hold, why), checked after the bounds
+_RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
+    (("orphan_grace_s", "heartbeat_interval_s", "missed_heartbeats"),
+     lambda s: s.orphan_grace_s >= s.heartbeat_interval_s * s.missed_heartbeats,
+     "a worker would reap a manager's sandboxes before placement could tell the manager is gone; "
+     "raise orphan_grace_s to at least heartbeat_interval_s x missed_heartbeats"),
+    (("worker_lease_s", "heartbeat_interval_s", "missed_heartbeats"),
+     lambda s: s.worker_lease_s >= 4 * s.heartbeat_interval_s * s.missed_heartbeats,
+     "a worker lease would end before its host's failure could be noticed; raise worker_lease_s"),
+    (("sandbox_pool", "max_sandboxes"), lambda s: s.sandbox_pool <= s.max_sandboxes,
+     "more prepared slots than sandboxes a host may hold; lower sandbox_pool"),
+    (("unreserved_min", "default_tenant_limit"), lambda s: s.unreserved_min <= s.default_tenant_limit,
+     "a tenant's limit must leave room for the unreserved minimum; lower unreserved_min"),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,4 +247,5 @@ def _sub(cls: type, raw: Any, where: str) -> Any:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number")
         values[key] = type(default)(value)
-    return cls(**values)
+    out = cls(**values)
+    return out.validate() if isinstance(out, Settings) else out

@@ -1,6 +1,6 @@
 import pytest
 
-from wire.config import ConfigError, NodeConfig
+from wire.config import ConfigError, NodeConfig, Settings
 
 
 def good(**over):
@@ -52,3 +52,25 @@ def test_cluster_up_set_takes_node_settings_and_refuses_what_node_toml_would():
         _settings(["keep_alive_s"])
     with pytest.raises(ConfigError, match="'soon' is not a number"):
         _settings(["keep_alive_s=soon"])
+
+
+def test_the_default_settings_are_valid_together():
+    assert Settings().validate() == Settings()
+
+
+@pytest.mark.parametrize(
+    "settings, complaint",
+    [
+        ({"shutdown_grace_s": 901}, r"shutdown_grace_s = 901: it must be between 0 and 900"),
+        ({"credit_lease_s": 0.5}, r"credit_lease_s = 0.5: it must be between 1 and 60"),
+        ({"keep_alive_s": -1}, r"keep_alive_s = -1: it must be at least 0.1"),
+        ({"orphan_grace_s": 1.0}, r"orphan_grace_s = 1, heartbeat_interval_s = 0.5, missed_heartbeats = 3: a worker "
+                                  r"would reap"),
+        ({"worker_lease_s": 5, "heartbeat_interval_s": 1.0}, r"a worker lease would end before"),
+        ({"sandbox_pool": 8, "max_sandboxes": 4}, r"more prepared slots than sandboxes"),
+        ({"unreserved_min": 20, "default_tenant_limit": 10}, r"lower unreserved_min"),
+    ],
+)
+def test_settings_out_of_range_or_out_of_step_are_refused_naming_what_to_change(settings, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        NodeConfig.from_dict(good(settings=settings))
