@@ -212,8 +212,9 @@ class ManagerService:
         Returns the AZs placement says are short of free capacity."""
         try:
             listed = await self.placement.list_leases(self.endpoint)
-        except FlintError:
-            return []  # keep routing on what we know
+        except FlintError as err:  # keep routing on what we know
+            log.info("worker_lease.list_failed", **error_fields(err))
+            return []
         held = {lease.lease_id: lease for lease in listed.leases}
         for lease_id in [i for i in self.state.leases if i not in held]:
             gone = self.state.drop_lease(lease_id)
@@ -248,7 +249,8 @@ class ManagerService:
         for lease in list(self.state.leases.values()):
             try:
                 sandboxes = await self.workers.list_sandboxes(lease.endpoint)
-            except FlintError:
+            except FlintError as err:  # its worker reaps what it had as orphans
+                log.warning("manager.rebuild_missed_host", target_node=lease.node_id, **error_fields(err))
                 continue
             for s in sandboxes:
                 if s.manager != self.endpoint or s.state not in (IDLE, BUSY):

@@ -27,6 +27,7 @@ from wire.config import RAFT_GROUPS, NodeConfig
 from wire.host import Host
 from wire import log as flog
 from wire import messages as m
+from wire.errors import error_fields
 from wire.raft import GroupConfig, RaftGroup, cluster_password
 from wire.server import Request
 
@@ -180,13 +181,13 @@ class Node:
                 runner.restarts.append(now)
                 runner.state = "restarting"
                 if len(runner.restarts) > settings.role_restarts:
-                    log.error("role.giving_up", role=runner.name, restarts=len(runner.restarts), error=str(exc))
+                    log.error("role.giving_up", role=runner.name, restarts=len(runner.restarts), **error_fields(exc))
                     runner.state = "failed"
                     self.exit_code = EXIT_ROLE_FAILED
                     self._stop.set()
                     return
                 backoff = min(5.0, 0.2 * 2 ** (len(runner.restarts) - 1))
-                log.warning("role.crashed", role=runner.name, error=repr(exc), restart_in_s=backoff,
+                log.warning("role.crashed", role=runner.name, restart_in_s=backoff, **error_fields(exc),
                             exc_info=not isinstance(exc, InjectedCrash))
                 await asyncio.sleep(backoff)
 

@@ -14,11 +14,7 @@ from typing import Any
 
 import structlog
 
-_configured = False
-
-
 def configure(*, json: bool | None = None, level: str = "info", stream: Any = None) -> None:
-    global _configured
     stream = stream or sys.stdout
     if json is None:
         json = not (hasattr(stream, "isatty") and stream.isatty())
@@ -50,15 +46,9 @@ def configure(*, json: bool | None = None, level: str = "info", stream: Any = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    _configured = True
 
 
 def bind(**values: Any) -> None:
     """Bind values (node, az, role) into every event logged from this context onwards."""
     structlog.contextvars.bind_contextvars(**values)
 
-
-def get(name: str | None = None, **initial: Any) -> Any:
-    if name is not None:
-        initial["logger"] = name
-    return structlog.get_logger(**initial)
