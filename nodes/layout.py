@@ -23,6 +23,7 @@ import tomli_w
 
 from wire.config import NodeConfig, Ports
 from wire.keys import KeyPair
+from wire.transport import endpoint
 from wire.raft import generate_secret
 
 DEFAULT_TENANT = "default"
@@ -104,7 +105,7 @@ class RegionDir:
         (self.root / "region.toml").write_text(
             tomli_w.dumps({"nodes": plan, "tenant": DEFAULT_TENANT, "base_ip": base_ip, "azs": azs})
         )
-        endpoints = [f"tcp://{n['address']}:{ports.frontend}" for n in plan if "frontend" in n["roles"]]
+        endpoints = [endpoint(n["address"], ports.frontend) for n in plan if "frontend" in n["roles"]]
         (self.root / "client.toml").write_text(
             tomli_w.dumps(
                 {"endpoints": endpoints, "server_key": cluster.public.decode(),

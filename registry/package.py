@@ -12,7 +12,6 @@ from pathlib import Path, PurePosixPath
 
 from wire.errors import InvalidParameterValueException
 
-UNZIPPED_MAX_BYTES = 250 * 1024 * 1024
 MAX_ENTRIES = 20_000
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -40,7 +39,7 @@ def zip_directory(root: Path) -> bytes:
     return buf.getvalue()
 
 
-def validate_zip(data: bytes, *, unzipped_max_bytes: int = UNZIPPED_MAX_BYTES) -> int:
+def validate_zip(data: bytes, *, unzipped_max_bytes: int) -> int:
     """Refuse a zip that could write outside its directory or fill the disk. Returns its unzipped size."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
@@ -78,7 +77,7 @@ def _check_name(name: str) -> None:
         raise InvalidParameterValueException(f"zip entry {name!r} contains '..'; paths must stay inside the package")
 
 
-def unpack(data: bytes, dest: Path, *, unzipped_max_bytes: int = UNZIPPED_MAX_BYTES) -> int:
+def unpack(data: bytes, dest: Path, *, unzipped_max_bytes: int) -> int:
     """Unpack a validated zip into `dest` (created; replaced atomically). Returns bytes written."""
     validate_zip(data, unzipped_max_bytes=unzipped_max_bytes)
     dest = Path(dest)

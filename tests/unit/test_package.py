@@ -7,7 +7,10 @@ import zipfile
 import pytest
 
 from registry.package import sha256, unpack, validate_zip, zip_directory
+from wire.config import DEFAULTS
 from wire.errors import InvalidParameterValueException
+
+LIMIT = DEFAULTS.unzipped_max_mb * 1024 * 1024
 
 
 def make_zip(entries):
@@ -27,12 +30,12 @@ def make_zip(entries):
 )
 def test_paths_that_escape_are_refused(name, complaint):
     with pytest.raises(InvalidParameterValueException, match=complaint):
-        validate_zip(make_zip([(name, b"x", None)]))
+        validate_zip(make_zip([(name, b"x", None)]), unzipped_max_bytes=LIMIT)
 
 
 def test_symlinks_are_refused():
     with pytest.raises(InvalidParameterValueException, match="symbolic link"):
-        validate_zip(make_zip([("link", b"/etc/passwd", stat.S_IFLNK | 0o777)]))
+        validate_zip(make_zip([("link", b"/etc/passwd", stat.S_IFLNK | 0o777)]), unzipped_max_bytes=LIMIT)
 
 
 def test_unzipped_size_limit():
@@ -43,7 +46,7 @@ def test_unzipped_size_limit():
 
 def test_not_a_zip():
     with pytest.raises(InvalidParameterValueException, match="not a valid zip"):
-        validate_zip(b"hello")
+        validate_zip(b"hello", unzipped_max_bytes=LIMIT)
 
 
 def test_directory_zip_is_deterministic_and_unpacks(tmp_path):
@@ -56,7 +59,7 @@ def test_directory_zip_is_deterministic_and_unpacks(tmp_path):
     first, second = zip_directory(src), zip_directory(src)
     assert sha256(first) == sha256(second)
     out = tmp_path / "out"
-    unpack(first, out)
+    unpack(first, out, unzipped_max_bytes=LIMIT)
     assert (out / "handler.py").read_text().startswith("def handle")
     assert (out / "pkg" / "util.py").exists()
     assert not (out / "__pycache__").exists()
