@@ -14,9 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from counting.state import UNRESERVED, Ledger
-from frontend.credits import CreditWallet
+from frontend.credits import (
+    MAX_ASKS,
+    RECLAIM_WAITS_S,
+    AdmissionRule,
+    AskAgain,
+    CreditWallet,
+    Throttle,
+    WaitFor,
+)
+from wire.errors import InvalidParameterValueException, Reason
 from wire.messages import CreditGrant
-from wire.errors import InvalidParameterValueException
 
 LEASE_S = 3.0
 TIMEOUT_S = 2.0
@@ -333,3 +341,37 @@ def test_when_every_frontend_hears_a_lower_limit_it_holds_at_once():
     for i in range(3):
         region.admit(i, "f", 0.1)
     assert region.admitted == before + 3
+
+
+# --- what an admission does with each answer from the ledger -------------------------------------------------------
+
+grants = st.builds(
+    lambda renewed, pool, credits, reclaimable, target: CreditGrant(
+        lease_id="L", renewed=renewed, pool=pool, credits=credits, expires_at=0.0, reclaimable=reclaimable,
+        target=target),
+    st.booleans(), st.sampled_from(["", "reserved-fn"]), st.integers(0, 20), st.integers(0, 5),
+    st.one_of(st.none(), st.integers(0, 20)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(grants, st.integers(1, 20)), min_size=1, max_size=40))
+def test_an_admission_asks_again_waits_for_reclaimed_credits_or_throttles_and_never_loops_forever(answers):
+    rule = AdmissionRule("fn")
+    waited = 0.0
+    for asks, (grant, wanted) in enumerate(answers, start=1):
+        step = rule.after(grant, wanted)
+        if isinstance(step, Throttle):
+            # a throttle names the pool that is full, as Lambda does
+            assert step.error.reason == (Reason.RESERVED_LIMIT if grant.pool else Reason.CONCURRENT_LIMIT)
+            got_all = grant.renewed and grant.credits >= wanted
+            coming_back = grant.reclaimable or grant.target is not None or not grant.renewed
+            assert asks == MAX_ASKS or (not got_all and (not coming_back or rule.waits == len(RECLAIM_WAITS_S)))
+            return
+        assert asks < MAX_ASKS  # bounded: at most MAX_ASKS commits per admission
+        if isinstance(step, WaitFor):
+            assert not (grant.renewed and grant.credits >= wanted)
+            waited += step.seconds
+        else:
+            assert isinstance(step, AskAgain) and grant.renewed and grant.credits >= wanted
+    assert waited <= sum(RECLAIM_WAITS_S)  # never waits longer than the reclaim ladder
