@@ -60,6 +60,11 @@ class ControlPlane:
             m.Revise: self.revise,
         }
 
+    @staticmethod
+    def _for_tenant(cls: type[m.Message], req: Request) -> m.Message:
+        """The registry's request for the caller's own: the same fields, and the tenant its key belongs to."""
+        return cls.from_fields({**req.msg.to_fields(), "tenant": req.tenant})
+
     async def _changed(self, req: Request, msg: m.Message, name: str) -> m.Message:
         """A change to one of the caller's functions: committed once (the request id is the key), then this
         frontend forgets what it cached of the function."""
@@ -108,29 +113,24 @@ class ControlPlane:
         return m.FunctionList(functions=await self.registry.list_functions(req.tenant))
 
     async def delete_function(self, req: Request) -> m.Empty:
-        await self._changed(req, m.RegistryDeleteFunction(tenant=req.tenant, name=req.msg.name), req.msg.name)
+        await self._changed(req, self._for_tenant(m.RegistryDeleteFunction, req), req.msg.name)
         await self._unreserve(req.tenant, req.msg.name)
         return m.Empty()
 
     async def publish_version(self, req: Request) -> m.FunctionReply:
-        change = m.RegistryPublishVersion(tenant=req.tenant, name=req.msg.name, description=req.msg.description)
-        return await self._changed(req, change, req.msg.name)
+        return await self._changed(req, self._for_tenant(m.RegistryPublishVersion, req), req.msg.name)
 
     async def list_versions(self, req: Request) -> m.FunctionList:
-        return await self.registry.command(m.RegistryListVersions(tenant=req.tenant, name=req.msg.name))
+        return await self.registry.command(self._for_tenant(m.RegistryListVersions, req))
 
     async def put_alias(self, req: Request) -> m.AliasReply:
-        msg = req.msg
-        change = m.RegistryPutAlias(tenant=req.tenant, name=msg.name, alias=msg.alias, version=msg.version,
-                                    additional_version=msg.additional_version, weight=msg.weight, create=msg.create)
-        return await self._changed(req, change, msg.name)
+        return await self._changed(req, self._for_tenant(m.RegistryPutAlias, req), req.msg.name)
 
     async def delete_alias(self, req: Request) -> m.Empty:
-        change = m.RegistryDeleteAlias(tenant=req.tenant, name=req.msg.name, alias=req.msg.alias)
-        return await self._changed(req, change, req.msg.name)
+        return await self._changed(req, self._for_tenant(m.RegistryDeleteAlias, req), req.msg.name)
 
     async def list_aliases(self, req: Request) -> m.AliasList:
-        return await self.registry.command(m.RegistryListAliases(tenant=req.tenant, name=req.msg.name))
+        return await self.registry.command(self._for_tenant(m.RegistryListAliases, req))
 
     # --- concurrency -----------------------------------------------------------------------------------------
 
@@ -174,13 +174,12 @@ class ControlPlane:
         return reply
 
     async def tenant_add_key(self, req: Request) -> m.TenantReply:
-        add = m.RegistryAddKey(tenant=req.msg.tenant, public_key=req.msg.public_key)
-        reply = await self.registry.command(add, request_id=req.id)
+        reply = await self.registry.command(m.RegistryAddKey.from_fields(req.msg.to_fields()), request_id=req.id)
         self.keys.changed()
         return reply
 
     async def tenant_revoke_key(self, req: Request) -> m.TenantReply:
-        revoke = m.RegistryRevokeKey(tenant=req.msg.tenant, public_key=req.msg.public_key)
+        revoke = m.RegistryRevokeKey.from_fields(req.msg.to_fields())
         reply = await self.registry.command(revoke, request_id=req.id)
         self.keys.changed()
         log.warning("tenant.key_revoked", target_tenant=req.msg.tenant)
@@ -198,15 +197,13 @@ class ControlPlane:
     # --- async events ----------------------------------------------------------------------------------------
 
     async def list_events(self, req: Request) -> m.EventList:
-        msg = req.msg
-        return await self.registry.command(m.EventsList(tenant=req.tenant, state=msg.state, limit=msg.limit))
+        return await self.registry.command(self._for_tenant(m.EventsList, req))
 
     async def get_event(self, req: Request) -> m.EventReply:
-        reply = await self.registry.command(m.EventsGet(tenant=req.tenant, event_id=req.msg.event_id))
+        reply = await self.registry.command(self._for_tenant(m.EventsGet, req))
         if reply.event is None:
             raise ResourceNotFoundException(f"Event not found: {req.msg.event_id}")
         return reply
 
     async def redrive_events(self, req: Request) -> m.Redriven:
-        ids = req.msg.event_ids
-        return await self.registry.command(m.EventsRedrive(tenant=req.tenant, event_ids=ids), request_id=req.id)
+        return await self.registry.command(self._for_tenant(m.EventsRedrive, req), request_id=req.id)

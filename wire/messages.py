@@ -529,10 +529,13 @@ class RegistryListFunctions(Message):
     tenant: str | None = text(NAME_MAX, default=None)
 
 
+# A registry request that a tenant's request becomes is that request plus the tenant it is for (the frontend
+# knows the tenant from the caller's key, never from the request).
+
+
 @message("registry.delete_function", reply=Empty)
-class RegistryDeleteFunction(Message):
+class RegistryDeleteFunction(DeleteFunction):
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
 
 
 @message("registry.update_code", reply=FunctionReply)
@@ -551,49 +554,35 @@ class RegistryUpdateConfig(Message):
 
 
 @message("registry.publish_version", reply=FunctionReply)
-class RegistryPublishVersion(Message):
+class RegistryPublishVersion(PublishVersion):
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
-    description: str = text(256, default="")
 
 
 @message("registry.put_alias", reply=AliasReply)
-class RegistryPutAlias(Message):
+class RegistryPutAlias(PutAlias):
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
-    alias: str = text(NAME_MAX)
-    version: str = text(16)
-    additional_version: str | None = text(16, default=None)
-    weight: float = number(0, 1, default=0.0)
-    create: bool = flag(default=True)
 
 
 @message("registry.delete_alias", reply=Empty)
-class RegistryDeleteAlias(Message):
+class RegistryDeleteAlias(DeleteAlias):
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
-    alias: str = text(NAME_MAX)
 
 
 @message("registry.resolve", reply=Choices)
-class RegistryResolve(Message):
+class RegistryResolve(GetFunction):
     """What name[:qualifier] runs: one config, or an alias's one or two with their weights."""
 
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
-    qualifier: str | None = text(NAME_MAX, default=None)
 
 
 @message("registry.list_versions", reply=FunctionList)
-class RegistryListVersions(Message):
+class RegistryListVersions(ListVersions):
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
 
 
 @message("registry.list_aliases", reply=AliasList)
-class RegistryListAliases(Message):
+class RegistryListAliases(ListAliases):
     tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
 
 
 # --- registry: tenants, keys and code ----------------------------------------------------------------------------
@@ -606,15 +595,13 @@ class RegistryCreateTenant(Message):
 
 
 @message("registry.add_key", reply=TenantReply)
-class RegistryAddKey(Message):
-    tenant: str = text(NAME_MAX)
-    public_key: str = text(40)
+class RegistryAddKey(TenantAddKey):
+    pass
 
 
 @message("registry.revoke_key", reply=TenantReply)
-class RegistryRevokeKey(Message):
-    tenant: str = text(NAME_MAX)
-    public_key: str = text(40)
+class RegistryRevokeKey(TenantRevokeKey):
+    pass
 
 
 @message()
@@ -718,9 +705,8 @@ class EventsSettle(Message):
 
 
 @message("registry.redrive_events", reply=Redriven)
-class EventsRedrive(Message):
+class EventsRedrive(RedriveEvents):
     tenant: str = text(NAME_MAX)
-    event_ids: tuple | None = text_list(10_000, default=None)
 
 
 @message()
@@ -734,16 +720,13 @@ class EventsVisible(Message):
 
 
 @message("registry.list_events", reply=EventList)
-class EventsList(Message):
+class EventsList(ListEvents):
     tenant: str = text(NAME_MAX)
-    state: str | None = text(16, choices=EventState, default=None)
-    limit: int = integer(1, 10_000, default=100)
 
 
 @message("registry.get_event", reply=EventReply)
-class EventsGet(Message):
+class EventsGet(GetEvent):
     tenant: str = text(NAME_MAX)
-    event_id: str = text(ID_MAX + 3)
 
 
 # --- counting ----------------------------------------------------------------------------------------------------
