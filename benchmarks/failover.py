@@ -45,7 +45,7 @@ def main() -> None:
     with local_region("failover", args.base_ip, nodes=6, azs=3, settings={"orphan_grace_s": 5}) as region:
         with Client.from_region(region.root) as client:
             client.create_function("hello", code=ROOT / "examples" / "hello", handler="handler.handle")
-            key = f"default/hello/$LATEST/{client.get_function('hello')['code_sha256'][:16]}"
+            key = "default/hello/$LATEST"  # tenant/name/version: what routes a function to its manager
         load = SteadyLoad(region.root, "hello", callers=4).start()
         time.sleep(3.0)
         nodes = [n["node_id"] for n in region.nodes()]

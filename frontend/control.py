@@ -6,27 +6,40 @@ service, whose state modules hold the rules."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
 from counting.client import CountingClient
 from frontend.keys import KeyMap
 from frontend.state import FunctionCache
+from manager.client import ManagerClient
+from placement.client import NodeView
 from registry.client import RegistryClient
 from registry.package import sha256, validate_zip
 from wire import messages as m
-from wire.errors import AccessDeniedException, InvalidParameterValueException, ResourceNotFoundException
+from wire.errors import (
+    AccessDeniedException,
+    FlintError,
+    InvalidParameterValueException,
+    ResourceNotFoundException,
+    error_fields,
+)
 from wire.principal import Role
+from wire.ids import scoped_id
 from wire.server import Request
+from wire.transport import node_endpoint
 
 log = structlog.get_logger("frontend.control")
 
 
 class ControlPlane:
-    def __init__(self, registry: RegistryClient, counting: CountingClient, cache: FunctionCache, keys: KeyMap,
-                 revise: callable, unzipped_max_mb: int):
+    def __init__(self, registry: RegistryClient, counting: CountingClient, managers: ManagerClient, view: NodeView,
+                 cache: FunctionCache, keys: KeyMap, revise: Callable[[str], None], unzipped_max_mb: int):
         self.registry = registry
         self.counting = counting
+        self.managers = managers
+        self.view = view
         self.cache = cache
         self.keys = keys
         self.revise_credits = revise  # the ledger changed a tenant's limits: what this frontend holds is revised
@@ -65,10 +78,16 @@ class ControlPlane:
         """The registry's request for the caller's own: the same fields, and the tenant its key belongs to."""
         return cls.from_fields({**req.msg.to_fields(), "tenant": req.tenant})
 
+    @staticmethod
+    def _once(req: Request, msg: m.Message) -> str:
+        """The id a change is applied at most once under: the caller's request id, scoped to the caller and the
+        operation, so one tenant's id can never name (and return) another tenant's change."""
+        return scoped_id(req.caller.who, msg.op, req.id)
+
     async def _changed(self, req: Request, msg: m.Message, name: str) -> m.Message:
-        """A change to one of the caller's functions: committed once (the request id is the key), then this
-        frontend forgets what it cached of the function."""
-        reply = await self.registry.command(msg, request_id=req.id)
+        """A change to one of the caller's functions: committed once, then this frontend forgets what it cached
+        of the function."""
+        reply = await self.registry.command(msg, request_id=self._once(req, msg))
         self.cache.forget(req.tenant, name)
         return reply
 
@@ -115,7 +134,21 @@ class ControlPlane:
     async def delete_function(self, req: Request) -> m.Empty:
         await self._changed(req, self._for_tenant(m.RegistryDeleteFunction, req), req.msg.name)
         await self._unreserve(req.tenant, req.msg.name)
+        await self._retire_sandboxes(req.tenant, req.msg.name)
         return m.Empty()
+
+    async def _retire_sandboxes(self, tenant: str, name: str) -> None:
+        """Every manager destroys the deleted function's warm sandboxes (a function made again under the name
+        never gets them: its sandbox key differs)."""
+        await self.view.refresh()
+        endpoints = [node_endpoint(n, "manager") for n in self.view.healthy("manager")]
+        results = await asyncio.gather(*(self.managers.retire_function(e, tenant, name) for e in endpoints),
+                                       return_exceptions=True)
+        for endpoint, result in zip(endpoints, results):
+            if isinstance(result, FlintError):  # that manager's sandboxes of it idle out by keep-alive
+                log.warning("function.retire_unheard", manager=endpoint, function=name, **error_fields(result))
+            elif isinstance(result, BaseException):
+                raise result
 
     async def publish_version(self, req: Request) -> m.FunctionReply:
         return await self._changed(req, self._for_tenant(m.RegistryPublishVersion, req), req.msg.name)
@@ -168,19 +201,20 @@ class ControlPlane:
 
     async def tenant_create(self, req: Request) -> m.TenantReply:
         create = m.RegistryCreateTenant(tenant=req.msg.tenant, public_keys=(req.msg.public_key,))
-        reply = await self.registry.command(create, request_id=req.id)
+        reply = await self.registry.command(create, request_id=self._once(req, create))
         self.keys.changed()
         log.info("tenant.created", new_tenant=req.msg.tenant)
         return reply
 
     async def tenant_add_key(self, req: Request) -> m.TenantReply:
-        reply = await self.registry.command(m.RegistryAddKey.from_fields(req.msg.to_fields()), request_id=req.id)
+        add = m.RegistryAddKey.from_fields(req.msg.to_fields())
+        reply = await self.registry.command(add, request_id=self._once(req, add))
         self.keys.changed()
         return reply
 
     async def tenant_revoke_key(self, req: Request) -> m.TenantReply:
         revoke = m.RegistryRevokeKey.from_fields(req.msg.to_fields())
-        reply = await self.registry.command(revoke, request_id=req.id)
+        reply = await self.registry.command(revoke, request_id=self._once(req, revoke))
         self.keys.changed()
         log.warning("tenant.key_revoked", target_tenant=req.msg.tenant)
         return reply
@@ -206,4 +240,5 @@ class ControlPlane:
         return reply
 
     async def redrive_events(self, req: Request) -> m.Redriven:
-        return await self.registry.command(self._for_tenant(m.EventsRedrive, req), request_id=req.id)
+        redrive = self._for_tenant(m.EventsRedrive, req)
+        return await self.registry.command(redrive, request_id=self._once(req, redrive))

@@ -8,7 +8,6 @@ failure allows, an alias's canary roll) are frontend/state.py's; this module car
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import time
@@ -31,7 +30,7 @@ from wire.errors import (
     ResourceNotFoundException,
     error_fields,
 )
-from wire.ids import new_request_id, now_ms
+from wire.ids import new_request_id, now_ms, scoped_id
 from wire.messages import InvocationType, ReleaseOutcome
 from wire.server import Request
 from wire.tasks import Background
@@ -61,10 +60,7 @@ class Invoker:
         payload = msg.payload or b""
         structlog.contextvars.bind_contextvars(function=msg.function, tenant=tenant)
         if payload:
-            try:
-                json.loads(payload)
-            except ValueError:
-                raise InvalidRequestContentException("Could not parse request body into json") from None
+            check_json(payload)
         if msg.invocation_type == InvocationType.EVENT:
             if len(payload) > m.ASYNC_PAYLOAD_MAX_BYTES:
                 raise RequestTooLargeException(
@@ -72,7 +68,7 @@ class Invoker:
                 )
             config = await self.resolve(tenant, msg.function, msg.qualifier)
             # the client's request id is the idempotency key: a retried accept is the same event
-            event_id = "ev-" + _from_client_id(tenant, req.id)
+            event_id = "ev-" + scoped_id(tenant, msg.op, req.id)
             await self.registry.command(m.EventsPut(
                 event_id=event_id, tenant=tenant, function=msg.function, qualifier=msg.qualifier,
                 max_retries=config.maximum_retry_attempts, max_age_s=config.maximum_event_age_s, payload=payload,
@@ -85,7 +81,7 @@ class Invoker:
         # The client's request id, which its retries keep, names the execution; each handling is an attempt. The
         # function's manager starts one request id for one attempt only, so a retry after a lost frontend cannot
         # run the function a second time.
-        digest = _from_client_id(tenant, req.id)
+        digest = scoped_id(tenant, msg.op, req.id)
         request_id = f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:28]}"
         return await self.run(tenant, config, request_id, payload, msg.log_tail, attempt=new_request_id())
 
@@ -129,7 +125,7 @@ class Invoker:
 
     async def _execute(self, config: m.FunctionConfig, request_id: str, payload: bytes, log_tail: bool,
                        not_after_ms: int, attempt: str | None) -> m.InvokeResult:
-        plan = InvokePlan(config.key, self.managers_down)
+        plan = InvokePlan(config.function_id, self.managers_down)
         while True:
             await self.view.refresh()
             managers = {n.node_id: node_endpoint(n, "manager") for n in self.view.healthy("manager")}
@@ -174,7 +170,18 @@ class Invoker:
         self._background.spawn(self.managers.release(manager, release), name="manager-release")
 
 
-def _from_client_id(tenant: str, client_request_id: str) -> str:
-    """32 hex digits naming what a client's request causes (an event, an execution): the same for every retry
-    of that request, and never the same for two tenants."""
-    return hashlib.sha256(f"{tenant}\0{client_request_id}".encode()).hexdigest()[:32]
+
+def check_json(payload: bytes) -> None:
+    """An invoke's payload must be JSON as Lambda reads it: no NaN or Infinity, and not nested past what a
+    parser can follow. A refusal names the problem; nothing of the invoke runs."""
+    try:
+        json.loads(payload, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequestContentException(
+            "Could not parse request body into json: it is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidRequestContentException(f"Could not parse request body into json: {exc}") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")

@@ -49,10 +49,11 @@ class FrontendService:
         self.view = NodeView(PlacementClient(host.control("placement")), max_age_s=VIEW_MAX_AGE_S)
         cache = FunctionCache(settings.function_cache_ttl_s)
         self.keys = KeyMap(self.registry)
-        self.invoker = Invoker(self.registry, self.admission, self.view, ManagerClient(host.pool),
-                               WorkerClient(host.pool), cache, settings.cold_start_allowance_s)
-        self.control = ControlPlane(self.registry, counting, cache, self.keys, self.admission.revise,
-                                    settings.unzipped_max_mb)
+        managers = ManagerClient(host.pool)
+        self.invoker = Invoker(self.registry, self.admission, self.view, managers, WorkerClient(host.pool), cache,
+                               settings.cold_start_allowance_s)
+        self.control = ControlPlane(self.registry, counting, managers, self.view, cache, self.keys,
+                                    self.admission.revise, settings.unzipped_max_mb)
         self.poller = Poller(holder, self.registry, self.invoker.run_event, self.invoker.event_accepted,
                              concurrency=settings.event_pollers, visibility_s=settings.event_visibility_s)
 

@@ -15,17 +15,17 @@ from wire.messages import Choice, FunctionConfig
 
 
 
-def _score(function_key: str, manager_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{function_key}|{manager_id}".encode(), digest_size=8).digest(), "big")
+def _score(function_id: str, manager_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{function_id}|{manager_id}".encode(), digest_size=8).digest(), "big")
 
 
-def rendezvous_order(function_key: str, managers: Iterable[str]) -> list[str]:
+def rendezvous_order(function_id: str, managers: Iterable[str]) -> list[str]:
     """Managers in the order this function tries them (highest random weight first).
 
     Every frontend computes the same order from the same set of live managers, so a function's sandboxes gather
     at one manager; when that manager dies only its functions move, each to its own next choice.
     """
-    return sorted(set(managers), key=lambda m: _score(function_key, m), reverse=True)
+    return sorted(set(managers), key=lambda m: _score(function_id, m), reverse=True)
 
 
 class FunctionCache:
@@ -101,8 +101,8 @@ class InvokePlan:
     reached a host is tried elsewhere; one that may have started is not, and the error says so (`may_still_run`).
     The shell asks `next()` for the manager to try, and reports how each step went."""
 
-    def __init__(self, function_key: str, down: ManagersDown):
-        self.function_key = function_key
+    def __init__(self, function_id: str, down: ManagersDown):
+        self.function_id = function_id
         self.down = down
         self.avoid_nodes: list[str] = []  # hosts this invoke could not reach: a new reservation avoids them
         self.skipped: set[str] = set()  # managers that failed this invoke
@@ -124,7 +124,7 @@ class InvokePlan:
         if self.steps > MAX_STEPS:
             raise ServiceException("no worker manager or host could take this invoke; retry shortly",
                                    reason=Reason.NO_ROUTE)
-        order = [managers[n] for n in rendezvous_order(self.function_key, managers)
+        order = [managers[n] for n in rendezvous_order(self.function_id, managers)
                  if managers[n] not in self.skipped]
         for endpoint in order:  # a manager that just failed us is skipped until placement catches up
             if not self.down.is_down(endpoint, now):

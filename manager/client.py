@@ -33,5 +33,10 @@ class ManagerClient:
         except FlintError as err:  # the worker tells the manager too; a lost release costs at most one cold start
             log.info("manager.release_unheard", manager=endpoint, sandbox_id=release.sandbox_id, **error_fields(err))
 
+    async def retire_function(self, endpoint: str, tenant: str, name: str) -> int:
+        """A deleted function's sandboxes at one manager: how many idle ones it destroyed."""
+        return (await self.pool.call(endpoint, m.RetireFunction(tenant=tenant, name=name),
+                                     timeout_s=RELEASE_TIMEOUT_S)).retired
+
     async def status(self, endpoint: str) -> m.ManagerSummary:
         return await self.pool.call(endpoint, m.ManagerStatus(), timeout_s=RELEASE_TIMEOUT_S)

@@ -41,7 +41,9 @@ class ManagerService:
 
     async def run(self) -> None:
         server = self.host.server(
-            "manager", {m.Reserve: self.reserve, m.ManagerRelease: self.release, m.ManagerStatus: self.status}
+            "manager",
+            {m.Reserve: self.reserve, m.ManagerRelease: self.release, m.ManagerStatus: self.status,
+             m.RetireFunction: self.retire_function},
         )
         await self.view.refresh(force=True)
         await self._rebuild()
@@ -75,6 +77,7 @@ class ManagerService:
         record = self.state.reserve(key, msg.request_id, self.host.now(), avoid)
         if record is not None:
             return _reservation(record, cold=False)
+        self._destroy_all(self.state.retire_stale(key), why="configuration_changed")
         await self.view.refresh()
         for _ in range(3):
             lease = await self._capacity_for(config, avoid)
@@ -151,6 +154,9 @@ class ManagerService:
             released = self.state.release(msg.sandbox_id, msg.request_id, self.host.now())
             if record is not None and self.health.owes_successes(record.node_id):
                 self._report(record.node_id, ok=True)
+            if released and record is not None and record.retired:
+                self.state.remove(record.sandbox_id)
+                self._destroy_all([record], why="retired")
         elif msg.outcome == ReleaseOutcome.GONE:
             released = self.state.remove(msg.sandbox_id) is not None
         else:  # node_failed, not_sent: the frontend could not reach the host; stop routing there until placement says
@@ -162,6 +168,15 @@ class ManagerService:
                 self._report(record.node_id, ok=False)
                 log.warning("node.reported_failed", target_node=record.node_id, sandboxes_dropped=len(gone))
         return m.Released(released=released)
+
+    async def retire_function(self, req: Request) -> m.Retired:
+        idle = self.state.retire_function(req.msg.tenant, req.msg.name)
+        self._destroy_all(idle, why="function_deleted")
+        return m.Retired(retired=len(idle))
+
+    def _destroy_all(self, records: list[SandboxRecord], why: str) -> None:
+        for record in records:
+            self._background.spawn(self._destroy(record, why), name="sandbox-destroy")
 
     async def status(self, req: Request) -> m.ManagerSummary:
         return m.ManagerSummary(**self.state.summary(), unhealthy_nodes=tuple(sorted(self.health.avoid())))
@@ -202,8 +217,7 @@ class ManagerService:
         if changes.forgotten:
             self.state.drop_nodes(changes.forgotten)
         short_azs = await self._sync_leases()
-        for record in self.state.reap_idle(self.host.now()):
-            self._background.spawn(self._destroy(record), name="sandbox-destroy")
+        self._destroy_all(self.state.reap_idle(self.host.now()), why="idle")
         for lease in self.state.leases_to_return(self.host.now(), short_azs):
             self._background.spawn(self._return(lease), name="worker-lease-return")
 
@@ -218,8 +232,7 @@ class ManagerService:
         held = {lease.lease_id: lease for lease in listed.leases}
         for lease_id in [i for i in self.state.leases if i not in held]:
             gone = self.state.drop_lease(lease_id)
-            for record in gone:
-                self._background.spawn(self._destroy(record), name="sandbox-destroy")
+            self._destroy_all(gone, why="worker_lease_revoked")
             log.info("worker_lease.revoked", lease_id=lease_id, sandboxes_dropped=len(gone))
         for lease_id, lease in held.items():
             if lease_id not in self.state.leases and lease.node is not None:
@@ -234,10 +247,10 @@ class ManagerService:
         except FlintError as err:  # it expires on its own
             log.info("worker_lease.return_unheard", lease_id=lease.lease_id, **error_fields(err))
 
-    async def _destroy(self, record: SandboxRecord) -> None:
+    async def _destroy(self, record: SandboxRecord, why: str) -> None:
         try:
             await self.workers.destroy(record.endpoint, record.sandbox_id)
-            log.info("sandbox.reaped", sandbox_id=record.sandbox_id, target_node=record.node_id)
+            log.info("sandbox.destroyed", sandbox_id=record.sandbox_id, target_node=record.node_id, why=why)
         except FlintError as err:  # its worker reaps it as an orphan in the end
             log.info("sandbox.destroy_unheard", sandbox_id=record.sandbox_id, target_node=record.node_id,
                      **error_fields(err))

@@ -37,6 +37,12 @@ class SandboxRecord:
     invocations: int = 0
     lease_id: str = ""
     memory_mb: int = 0
+    retired: bool = False  # built from a configuration that changed, or of a deleted function: gone once idle
+
+
+def function_of(function_key: str) -> str:
+    """The function and version ("tenant/name/version") a sandbox pool key belongs to."""
+    return function_key.rsplit("/", 1)[0]
 
 
 @dataclasses.dataclass
@@ -125,6 +131,8 @@ class ManagerState:
             return False
         if record.request_id is not None and record.request_id != request_id:
             return False  # a stale release from an earlier invoke; the sandbox is busy with another
+        if record.retired:
+            return True  # the caller sees `retired` and destroys it rather than hand it out again
         record.state = IDLE
         record.request_id = None
         record.last_used = now
@@ -242,6 +250,30 @@ class ManagerState:
         for lease in out:
             del self.leases[lease.lease_id]
         return out
+
+    # --- retiring sandboxes of a changed or deleted function ----------------------------------------------------
+
+    def retire_stale(self, function_key: str) -> list[SandboxRecord]:
+        """A configuration of a function is being placed: the sandboxes of its earlier configurations (other
+        code, settings, or a function of the same name deleted since) must serve nothing more. Idle ones are
+        removed and returned, to be destroyed; busy ones finish their invoke first."""
+        function_id = function_of(function_key)
+        return self._retire(lambda key: key != function_key and function_of(key) == function_id)
+
+    def retire_function(self, tenant: str, name: str) -> list[SandboxRecord]:
+        """The function was deleted: every sandbox of every version of it goes."""
+        return self._retire(lambda key: key.startswith(f"{tenant}/{name}/"))
+
+    def _retire(self, matches) -> list[SandboxRecord]:
+        idle = []
+        for key in [k for k in self.pools if matches(k)]:
+            for record in list(self.pools[key].values()):
+                record.retired = True
+                if record.state == IDLE:
+                    idle.append(record)
+        for record in idle:
+            self.remove(record.sandbox_id)
+        return idle
 
     # --- failures and reaping ------------------------------------------------------------------------------------
 

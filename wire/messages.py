@@ -8,6 +8,9 @@ as placement sees it) are declared once, first.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
+from typing import Any
 
 from wire.schema import (
     Message,
@@ -65,6 +68,27 @@ class Role(enum.StrEnum):
 
 ROLES = tuple(r.value for r in Role)
 RAFT_GROUPS = ("control", "counting", "placement")
+
+# Names as Lambda allows them: no '/', '|', ':', NUL or dots can make one name look like another or like a path.
+NAME_PATTERN = r"[a-zA-Z0-9_-]{1,64}"
+ALIAS_PATTERN = r"(?![0-9]+$)[a-zA-Z0-9_-]{1,128}"
+QUALIFIER_PATTERN = r"\$LATEST|[0-9]{1,16}|" + ALIAS_PATTERN
+QUALIFIER_MAX = 128
+
+
+def name_text(**kw) -> Any:
+    """A tenant's or a function's name."""
+    return text(NAME_MAX, pattern=NAME_PATTERN, pattern_says="1 to 64 letters, digits, '-' or '_'", **kw)
+
+
+def alias_name(**kw) -> Any:
+    return text(QUALIFIER_MAX, pattern=ALIAS_PATTERN,
+                pattern_says="1 to 128 letters, digits, '-' or '_', not only digits", **kw)
+
+
+def qualifier(**kw) -> Any:
+    return text(QUALIFIER_MAX, pattern=QUALIFIER_PATTERN,
+                pattern_says="$LATEST, a version number, or an alias name", **kw)
 
 
 class EventState(enum.StrEnum):
@@ -125,8 +149,8 @@ class FunctionConfig(Message):
     """A function as the registry keeps it ($LATEST, a version, or what an alias resolved to), and what a worker
     needs to build a sandbox."""
 
-    tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
+    tenant: str = name_text()
+    name: str = name_text()
     version: str = text(16, default="$LATEST")
     handler: str = text(HANDLER_MAX)
     runtime: str = text(32, default=Runtime.PYTHON3, choices=Runtime)
@@ -142,12 +166,25 @@ class FunctionConfig(Message):
     last_modified_ms: int = integer(0, default=0)
     description: str | None = text(256, default=None)  # a published version's
     published_ms: int | None = integer(0, default=None)
-    alias: str | None = text(NAME_MAX, default=None)  # set when an invoke named an alias
+    alias: str | None = alias_name(default=None)  # set when an invoke named an alias
+
+    @property
+    def function_id(self) -> str:
+        """Which function and version this is ("tenant/name/version": names hold no '/'): what routes its invokes
+        to one manager."""
+        return f"{self.tenant}/{self.name}/{self.version}"
 
     @property
     def key(self) -> str:
-        """The sandbox pool key: sandboxes are shared only by invokes of exactly this code and configuration."""
-        return f"{self.tenant}/{self.name}/{self.version}/{self.code_sha256[:16]}"
+        """The sandbox pool key: sandboxes are shared only by invokes of exactly this code and configuration. A
+        change of any setting a sandbox is built with, or a delete and re-create, makes a new key."""
+        built_with = [getattr(self, f) for f in SANDBOX_FIELDS]
+        digest = hashlib.blake2b(json.dumps(built_with, sort_keys=True).encode(), digest_size=8).hexdigest()
+        return f"{self.function_id}/{digest}"
+
+
+SANDBOX_FIELDS = ("handler", "runtime", "memory_mb", "timeout_s", "environment", "network", "code_sha256",
+                  "created_ms")  # what a sandbox is built with: a change of any makes new sandboxes
 
 
 @message()
@@ -181,7 +218,7 @@ class Choices(Message):
 
 @message()
 class AliasView(Message):
-    name: str = text(NAME_MAX)
+    name: str = alias_name()
     version: str = text(16)
     additional_version: str | None = text(16, default=None)
     weight: float = number(0, 1, default=0.0)
@@ -199,7 +236,7 @@ class AliasList(Message):
 
 @message()
 class TenantView(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     keys: tuple = text_list(1024)
     revoked: int = integer(0)
     created_ms: int = integer(0)
@@ -236,9 +273,9 @@ class TenantConcurrency(Message):
 @message()
 class EventView(Message):
     event_id: str = text(ID_MAX + 3)
-    tenant: str = text(NAME_MAX)
-    function: str = text(NAME_MAX)
-    qualifier: str | None = text(NAME_MAX, default=None)
+    tenant: str = name_text()
+    function: str = name_text()
+    qualifier: str | None = qualifier(default=None)
     accepted_at: float = number()
     max_retries: int = integer(0, RETRIES_MAX)
     max_age_s: float = number(0)
@@ -356,8 +393,8 @@ class InvokeResult(Message):
 
 @message("invoke", reply=InvokeResult)
 class Invoke(Message):
-    function: str = text(NAME_MAX)
-    qualifier: str | None = text(NAME_MAX, default=None)
+    function: str = name_text()
+    qualifier: str | None = qualifier(default=None)
     invocation_type: str = text(32, default=InvocationType.REQUEST_RESPONSE, choices=InvocationType)
     log_tail: bool = flag(default=False)
     payload: bytes | None = raw(SYNC_PAYLOAD_MAX_BYTES, default=None)
@@ -365,7 +402,7 @@ class Invoke(Message):
 
 @message("create_function", reply=FunctionReply)
 class CreateFunction(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
     handler: str = text(HANDLER_MAX)
     runtime: str = text(32, default=Runtime.PYTHON3, choices=Runtime)
     memory_mb: int = integer(MEMORY_MB_MIN, MEMORY_MB_MAX, default=128)
@@ -377,36 +414,36 @@ class CreateFunction(Message):
 
 @message("get_function", reply=FunctionReply)
 class GetFunction(Message):
-    name: str = text(NAME_MAX)
-    qualifier: str | None = text(NAME_MAX, default=None)
+    name: str = name_text()
+    qualifier: str | None = qualifier(default=None)
 
 
 @message("update_function_code", reply=FunctionReply)
 class UpdateFunctionCode(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
     code: bytes | None = raw(ZIP_MAX_BYTES, default=None)
 
 
 @message("update_function_configuration", reply=FunctionReply)
 class UpdateFunctionConfiguration(ConfigChanges):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
 
 
 @message("publish_version", reply=FunctionReply)
 class PublishVersion(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
     description: str = text(256, default="")
 
 
 @message("list_versions", reply=FunctionList)
 class ListVersions(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
 
 
 @message("put_alias", reply=AliasReply)
 class PutAlias(Message):
-    name: str = text(NAME_MAX)
-    alias: str = text(NAME_MAX)
+    name: str = name_text()
+    alias: str = alias_name()
     version: str = text(16)
     additional_version: str | None = text(16, default=None)
     weight: float = number(0, 1, default=0.0)
@@ -415,13 +452,13 @@ class PutAlias(Message):
 
 @message("delete_alias", reply=Empty)
 class DeleteAlias(Message):
-    name: str = text(NAME_MAX)
-    alias: str = text(NAME_MAX)
+    name: str = name_text()
+    alias: str = alias_name()
 
 
 @message("list_aliases", reply=AliasList)
 class ListAliases(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
 
 
 @message("list_events", reply=EventList)
@@ -447,7 +484,7 @@ class ListFunctions(Message):
 
 @message("delete_function", reply=Empty)
 class DeleteFunction(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
 
 
 @message()
@@ -459,18 +496,18 @@ class Concurrency(Message):
 
 @message("put_function_concurrency", reply=Concurrency)
 class PutFunctionConcurrency(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
     reserved: int = integer(0, 1_000_000)
 
 
 @message("delete_function_concurrency", reply=Empty)
 class DeleteFunctionConcurrency(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
 
 
 @message("get_function_concurrency", reply=Concurrency)
 class GetFunctionConcurrency(Message):
-    name: str = text(NAME_MAX)
+    name: str = name_text()
 
 
 # --- operator (through the frontend, with an operator key) -------------------------------------------------------
@@ -478,19 +515,19 @@ class GetFunctionConcurrency(Message):
 
 @message("tenant.create", reply=TenantReply)
 class TenantCreate(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     public_key: str = text(40)
 
 
 @message("tenant.add_key", reply=TenantReply)
 class TenantAddKey(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     public_key: str = text(40)
 
 
 @message("tenant.revoke_key", reply=TenantReply)
 class TenantRevokeKey(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     public_key: str = text(40)
 
 
@@ -506,7 +543,7 @@ class TenantLimitView(Message):
 
 @message("tenant.limit", reply=TenantLimitView)
 class TenantLimit(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     limit: int | None = integer(0, 1_000_000, default=None)  # absent: just show it
 
 
@@ -520,13 +557,13 @@ class RegistryCreateFunction(Message):
 
 @message("registry.get_function", reply=FunctionReply)
 class RegistryGetFunction(Message):
-    tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
+    tenant: str = name_text()
+    name: str = name_text()
 
 
 @message("registry.list_functions", reply=FunctionList)
 class RegistryListFunctions(Message):
-    tenant: str | None = text(NAME_MAX, default=None)
+    tenant: str | None = name_text(default=None)
 
 
 # A registry request that a tenant's request becomes is that request plus the tenant it is for (the frontend
@@ -535,54 +572,54 @@ class RegistryListFunctions(Message):
 
 @message("registry.delete_function", reply=Empty)
 class RegistryDeleteFunction(DeleteFunction):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.update_code", reply=FunctionReply)
 class RegistryUpdateCode(Message):
-    tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
+    tenant: str = name_text()
+    name: str = name_text()
     code_sha256: str = text(64)
     code_size: int = integer(0, ZIP_MAX_BYTES)
 
 
 @message("registry.update_config", reply=FunctionReply)
 class RegistryUpdateConfig(Message):
-    tenant: str = text(NAME_MAX)
-    name: str = text(NAME_MAX)
+    tenant: str = name_text()
+    name: str = name_text()
     changes: ConfigChanges = nested(ConfigChanges)
 
 
 @message("registry.publish_version", reply=FunctionReply)
 class RegistryPublishVersion(PublishVersion):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.put_alias", reply=AliasReply)
 class RegistryPutAlias(PutAlias):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.delete_alias", reply=Empty)
 class RegistryDeleteAlias(DeleteAlias):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.resolve", reply=Choices)
 class RegistryResolve(GetFunction):
     """What name[:qualifier] runs: one config, or an alias's one or two with their weights."""
 
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.list_versions", reply=FunctionList)
 class RegistryListVersions(ListVersions):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.list_aliases", reply=AliasList)
 class RegistryListAliases(ListAliases):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 # --- registry: tenants, keys and code ----------------------------------------------------------------------------
@@ -590,7 +627,7 @@ class RegistryListAliases(ListAliases):
 
 @message("registry.create_tenant", reply=TenantReply)
 class RegistryCreateTenant(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     public_keys: tuple = text_list(16)
 
 
@@ -659,9 +696,9 @@ class GetBlob(Message):
 @message("registry.put_event", reply=EventReply)
 class EventsPut(Message):
     event_id: str = text(ID_MAX + 3)
-    tenant: str = text(NAME_MAX)
-    function: str = text(NAME_MAX)
-    qualifier: str | None = text(NAME_MAX, default=None)
+    tenant: str = name_text()
+    function: str = name_text()
+    qualifier: str | None = qualifier(default=None)
     max_retries: int = integer(0, RETRIES_MAX, default=RETRIES_MAX)
     max_age_s: float = number(EVENT_AGE_S_MIN, EVENT_AGE_S_MAX, default=EVENT_AGE_S_MAX)
     payload: bytes | None = raw(ASYNC_PAYLOAD_MAX_BYTES, default=None)
@@ -706,7 +743,7 @@ class EventsSettle(Message):
 
 @message("registry.redrive_events", reply=Redriven)
 class EventsRedrive(RedriveEvents):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message()
@@ -721,12 +758,12 @@ class EventsVisible(Message):
 
 @message("registry.list_events", reply=EventList)
 class EventsList(ListEvents):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message("registry.get_event", reply=EventReply)
 class EventsGet(GetEvent):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 # --- counting ----------------------------------------------------------------------------------------------------
@@ -754,8 +791,8 @@ class LeaseCredits(Message):
     lease_id: str = text(ID_MAX)
     holder: str = text(NAME_MAX)
     endpoint: str = text(ENDPOINT_MAX)
-    tenant: str = text(NAME_MAX)
-    function: str = text(NAME_MAX)
+    tenant: str = name_text()
+    function: str = name_text()
     want: int = integer(0, 1_000_000)
     in_use: int = integer(0, 1_000_000)
     max_timeout_s: float = number(0, TIMEOUT_S_MAX)
@@ -780,8 +817,8 @@ class ReservedSet(Message):
 
 @message("counting.set_reserved", reply=ReservedSet)
 class SetReserved(Message):
-    tenant: str = text(NAME_MAX)
-    function: str = text(NAME_MAX)
+    tenant: str = name_text()
+    function: str = name_text()
     reserved: int | None = integer(0, 1_000_000, default=None)  # absent: remove the reservation
 
 
@@ -789,7 +826,7 @@ class SetReserved(Message):
 class Revise(Message):
     """Counting -> a frontend holding credit leases: the tenant's limits changed or idle credits are wanted back."""
 
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
 
 
 @message()
@@ -799,7 +836,7 @@ class LimitSet(Message):
 
 @message("counting.set_limit", reply=LimitSet)
 class SetLimit(Message):
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     limit: int = integer(0, 1_000_000)
 
 
@@ -833,7 +870,7 @@ class ChangeMembers(Message):
 class CreditLeaseView(Message):
     lease_id: str = text(ID_MAX)
     holder: str = text(NAME_MAX)
-    tenant: str = text(NAME_MAX)
+    tenant: str = name_text()
     pool: str = text(NAME_MAX + 16)
     credits: int = integer(0)
     in_use: int = integer(0)
@@ -854,7 +891,7 @@ class CountingStatusReply(Message):
 
 @message("counting.status", reply=CountingStatusReply)
 class CountingStatus(Message):
-    tenant: str | None = text(NAME_MAX, default=None)
+    tenant: str | None = name_text(default=None)
 
 
 # --- placement ---------------------------------------------------------------------------------------------------
@@ -984,6 +1021,19 @@ class ManagerRelease(Message):
     sandbox_id: str = text(ID_MAX)
     request_id: str = text(ID_MAX)
     outcome: str = text(16, default=ReleaseOutcome.OK, choices=ReleaseOutcome)
+
+
+@message()
+class Retired(Message):
+    retired: int = integer(0)  # idle sandboxes destroyed now (busy ones go when their invoke ends)
+
+
+@message("manager.retire_function", reply=Retired)
+class RetireFunction(Message):
+    """A function was deleted: its sandboxes must serve nothing more."""
+
+    tenant: str = name_text()
+    name: str = name_text()
 
 
 @message()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from typing import Any, ClassVar, TypeVar
 
 from wire.errors import InvalidParameterValueException, InvalidRequestContentException, RequestTooLargeException
@@ -34,6 +35,8 @@ class Spec:
     nested: type[Message] | None = None
     optional: bool = False
     enum_cls: type[enum.Enum] | None = None  # choices given as an enum: decoded values become its members
+    pattern: re.Pattern | None = None  # a text must match it whole
+    pattern_says: str = ""  # the pattern, as a tenant reads it in an error
 
     def check(self, name: str, value: Any) -> Any:
         if value is None:
@@ -48,6 +51,9 @@ class Spec:
                 raise InvalidParameterValueException(f"field '{name}' is longer than {self.max_len} characters")
             if self.choices is not None and value not in self.choices:
                 raise InvalidParameterValueException(f"field '{name}' must be one of {', '.join(self.choices)}")
+            if self.pattern is not None and self.pattern.fullmatch(value) is None:
+                raise InvalidParameterValueException(f"field '{name}' value {value[:80]!r} is not allowed: "
+                                                     f"{self.pattern_says}")
             return value if self.enum_cls is None else self.enum_cls(value)
         if kind == "int":
             if not isinstance(value, int) or isinstance(value, bool):
@@ -150,10 +156,15 @@ def _field(spec: Spec, default: Any) -> Any:
 
 
 def text(max_len: int = 256, *, default: Any = _REQUIRED,
-         choices: tuple[str, ...] | type[enum.StrEnum] | None = None) -> Any:
+         choices: tuple[str, ...] | type[enum.StrEnum] | None = None, pattern: str | None = None,
+         pattern_says: str = "") -> Any:
+    """A string of at most `max_len` characters; with `choices`, one of them; with `pattern`, matching it whole
+    (`pattern_says` explains it to whoever sent something else)."""
     enum_cls = choices if isinstance(choices, type) and issubclass(choices, enum.Enum) else None
     values = tuple(str(c.value) for c in enum_cls) if enum_cls is not None else choices
-    return _field(Spec("str", max_len=max_len, choices=values, optional=default is None, enum_cls=enum_cls), default)
+    compiled = re.compile(pattern) if pattern is not None else None
+    return _field(Spec("str", max_len=max_len, choices=values, optional=default is None, enum_cls=enum_cls,
+                       pattern=compiled, pattern_says=pattern_says or f"it must match {pattern}"), default)
 
 
 def integer(min: int | None = None, max: int | None = None, *, default: Any = _REQUIRED) -> Any:

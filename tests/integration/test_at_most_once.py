@@ -29,7 +29,7 @@ def test_a_retry_after_the_frontend_died_mid_invoke_does_not_run_the_function_ag
             code.mkdir()
             (code / "handler.py").write_text(SLOW)
             created = admin.create_function("slow", code=code, handler="handler.handle", timeout_s=5)
-        key = f"default/slow/$LATEST/{created['code_sha256'][:16]}"  # tenant/name/version/code: the pool key
+        key = "default/slow/$LATEST"  # tenant/name/version: what routes a function to its manager
         manager_node = rendezvous_order(key, [n["node_id"] for n in region.nodes()])[0]
         victim = next(n for n in region.nodes() if n["node_id"] != manager_node)  # its frontend, not the manager
         first = region.config(victim["node_id"]).endpoint("frontend")

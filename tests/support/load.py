@@ -112,6 +112,6 @@ class SteadyLoad:
             time.sleep(0.05)
 
 
-def function_owner(function_key: str, managers: list[str]) -> str:
+def function_owner(function_id: str, managers: list[str]) -> str:
     """The manager node a function maps to, as every frontend computes it."""
-    return rendezvous_order(function_key, managers)[0]
+    return rendezvous_order(function_id, managers)[0]

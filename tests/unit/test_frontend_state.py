@@ -130,7 +130,7 @@ class InvokePlanMachine(RuleBasedStateMachine):
             self.asks += 1
             assert self.asks <= MAX_STEPS
             assert step.manager in self.healthy.values() and step.manager not in skipped_before
-            askable = [MANAGERS[n] for n in rendezvous_order(self.plan.function_key, self.healthy)
+            askable = [MANAGERS[n] for n in rendezvous_order(self.plan.function_id, self.healthy)
                        if MANAGERS[n] not in skipped_before]
             up = [e for e in askable if not self.plan.down.is_down(e, self.now)]
             assert step.manager == (up or askable)[0]
