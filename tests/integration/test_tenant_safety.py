@@ -1,0 +1,178 @@
+"""A hostile tenant with an ordinary key, on a real region: nothing it sends can reach another tenant's
+functions, secrets or warm sandboxes, or make a host look broken."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flint import Client
+from flint.client import ClientConfig
+from frontend.client import FrontendClient
+from tests.conftest import start_region
+from wire import messages as m
+from wire.errors import InvalidParameterValueException, InvalidRequestContentException
+from wire.keys import KeyPair
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {"keep_alive_s": 600}
+ENV_ECHO = ("import os\n\ndef handle(event, context):\n"
+            "    return {'secret': os.environ.get('SECRET'), 'sandbox': os.environ.get('FLINT_SANDBOX_ID')}\n")
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    region = start_region(tmp_path_factory.mktemp("safety"), settings=SETTINGS)
+    yield region
+    region.down()
+
+
+@pytest.fixture(scope="module")
+def keys(region, tmp_path_factory):
+    """Key files: the region's default tenant (the victim) and a second tenant, mallory."""
+    key = KeyPair.generate()
+    secret = key.save(tmp_path_factory.mktemp("mallory"), "mallory")
+    with Client.from_region(region.root, operator=True) as operator:
+        operator.create_tenant("mallory", key.public)
+    return {"victim": ClientConfig.load(region.root).key_file, "mallory": secret}
+
+
+def code(tmp: Path, source: str) -> Path:
+    d = tmp / f"code{abs(hash(source))}"
+    d.mkdir(exist_ok=True)
+    (d / "handler.py").write_text(source)
+    return d
+
+
+def raw_call(region, key_file: Path, msg: m.Message, request_id: str):
+    """One request with the request id the caller chose, as any client could send it."""
+    cfg = ClientConfig.load(region.root)
+
+    async def go():
+        client = FrontendClient(cfg.endpoints[:1], server_public=cfg.server_key, key=KeyPair.load(key_file))
+        try:
+            return await client.call(msg, request_id=request_id)
+        finally:
+            client.close()
+
+    return asyncio.run(go())
+
+
+def test_another_tenants_request_id_returns_nothing_of_theirs_and_blocks_nothing_of_theirs(region, keys, tmp_path):
+    src = code(tmp_path, ENV_ECHO)
+    with Client.from_region(region.root, key_file=keys["victim"]) as victim, \
+            Client.from_region(region.root, key_file=keys["mallory"]) as mallory:
+        victim.create_function("payroll", code=src, handler="handler.handle", environment={"SECRET": "s3cr3t"})
+        mallory.create_function("probe", code=src, handler="handler.handle")
+    # the victim changes its function under a request id the attacker learns (or guesses) ...
+    raw_call(region, keys["victim"], m.UpdateFunctionConfiguration(name="payroll", memory_mb=256), "shared-id-1")
+    # ... and the attacker sends its own change under the same id: it gets its own function back, nothing else
+    theirs = raw_call(region, keys["mallory"], m.UpdateFunctionConfiguration(name="probe", memory_mb=512),
+                      "shared-id-1")
+    assert (theirs.config.tenant, theirs.config.name, theirs.config.memory_mb) == ("mallory", "probe", 512)
+    assert "s3cr3t" not in json.dumps(theirs.to_fields())
+    # the other order: the attacker uses an id first; the victim's delete under it still deletes
+    raw_call(region, keys["mallory"], m.UpdateFunctionConfiguration(name="probe", memory_mb=640), "shared-id-2")
+    raw_call(region, keys["victim"], m.DeleteFunction(name="payroll"), "shared-id-2")
+    with Client.from_region(region.root, key_file=keys["victim"]) as victim:
+        assert "payroll" not in [f["name"] for f in victim.list_functions()]
+
+
+@pytest.mark.parametrize("name", ["kt/x", "x|y", "../../etc/passwd", "a\x00b", "", "f.g", "f:live"])
+def test_names_are_refused_unless_lambda_would_take_them(region, keys, tmp_path, name):
+    with Client.from_region(region.root, key_file=keys["mallory"]) as mallory:
+        with pytest.raises(InvalidParameterValueException, match="not allowed|longer than"):
+            mallory.create_function(name, code=code(tmp_path, ENV_ECHO), handler="handler.handle")
+
+
+def test_a_tenant_name_that_could_be_read_as_another_is_refused(region):
+    with Client.from_region(region.root, operator=True) as operator:
+        with pytest.raises(InvalidParameterValueException, match="not allowed"):
+            operator.create_tenant("px|y", KeyPair.generate().public)
+        with pytest.raises(InvalidParameterValueException, match="not allowed"):
+            operator.create_tenant("kt/x", KeyPair.generate().public)
+
+
+def test_warm_sandboxes_never_serve_a_changed_or_recreated_function(region, keys, tmp_path):
+    src = code(tmp_path, ENV_ECHO)
+    with Client.from_region(region.root, key_file=keys["mallory"]) as c:
+        c.create_function("rotating", code=src, handler="handler.handle", environment={"SECRET": "old"})
+        first = c.invoke("rotating").json()
+        assert first["secret"] == "old" and c.invoke("rotating").json()["sandbox"] == first["sandbox"]  # warm
+        c.update_function_configuration("rotating", environment={"SECRET": "rotated"})
+        second = c.invoke("rotating").json()
+        assert second["secret"] == "rotated" and second["sandbox"] != first["sandbox"]
+        c.delete_function("rotating")
+        c.create_function("rotating", code=src, handler="handler.handle", environment={"SECRET": "rotated"})
+        third = c.invoke("rotating").json()
+        assert third["sandbox"] not in (first["sandbox"], second["sandbox"])  # a new function, a new sandbox
+    # and the sandboxes that can serve nothing more are gone from their workers, not left running
+    managers = [n["node_id"] for n in region.nodes()]
+    alive = set()
+    for node in managers:
+        sandboxes = region.call("worker", m.ListSandboxes(), node=node).sandboxes
+        alive |= {s.sandbox_id for s in sandboxes}
+    assert first["sandbox"] not in alive and second["sandbox"] not in alive
+
+
+@pytest.mark.parametrize("payload, complaint", [
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="nested-100000-deep"),
+    pytest.param(b'{"n": NaN}', "NaN is not JSON", id="NaN"),
+    pytest.param(b"[Infinity]", "Infinity is not JSON", id="Infinity"),
+])
+def test_payloads_json_would_not_take_are_refused_with_the_lambda_error(region, keys, tmp_path, payload, complaint):
+    with Client.from_region(region.root, key_file=keys["mallory"], retries=0) as c:
+        if "echo" not in [f["name"] for f in c.list_functions()]:
+            c.create_function("echo", code=code(tmp_path, ENV_ECHO), handler="handler.handle")
+        with pytest.raises(InvalidRequestContentException, match=complaint):
+            c.invoke("echo", payload)
+        assert c.invoke("echo", {}).function_error is None  # and the door keeps serving
+
+
+def _zip(entries: list[tuple[str, bytes]]) -> bytearray:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return bytearray(buf.getvalue())
+
+
+def _patched(data: bytearray, local_offset: int, central_offset: int, value: int) -> bytes:
+    """Set a byte in the local header and in the central directory entry of the (only) file."""
+    data[data.find(b"PK\x03\x04") + local_offset] = value
+    data[data.find(b"PK\x01\x02") + central_offset] = value
+    return bytes(data)
+
+
+HANDLER = b"def handle(event, context):\n    return 1\n" * 50
+
+
+def _bad_crc() -> bytes:
+    data = _zip([("handler.py", HANDLER)])
+    data[data.find(b"def handle")] ^= 0x01
+    return bytes(data)
+
+
+BAD_ZIPS = {
+    "a file and a directory of the same name": (lambda: bytes(_zip([("handler.py", HANDLER), ("a", b"x"),
+                                                                     ("a/b", b"y")])), "both a file and a directory"),
+    "a bad checksum": (_bad_crc, "Bad CRC"),
+    "the encrypted flag": (lambda: _patched(_zip([("handler.py", HANDLER)]), 6, 8, 1), "encrypted"),
+    "deflate64": (lambda: _patched(_zip([("handler.py", HANDLER)]), 8, 10, 9), "compression method 9"),
+    "an over-long name": (lambda: bytes(_zip([("handler.py", HANDLER), ("x" * 300, b"y")])), "too long"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_ZIPS))
+def test_a_package_no_worker_could_unpack_is_refused_at_upload(region, keys, tmp_path, what):
+    make, complaint = BAD_ZIPS[what]
+    with Client.from_region(region.root, key_file=keys["mallory"]) as c:
+        with pytest.raises(InvalidParameterValueException, match=complaint):
+            c.create_function("badzip", code=make(), handler="handler.handle")
+        assert "badzip" not in [f["name"] for f in c.list_functions()]
