@@ -42,6 +42,7 @@ import uvloop  # noqa: E402
 
 from wire import messages as m  # noqa: E402
 from worker import isolation as iso  # noqa: E402
+from worker.cgroups import host_cgroups  # noqa: E402
 from worker.sandbox import SandboxProcess, SlotPool, Zygote  # noqa: E402
 
 HANDLER = "def handle(event, context):\n    return event\n"
@@ -60,7 +61,7 @@ def config(name: str = "bench", memory_mb: int = 128) -> m.FunctionConfig:
 
 
 async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: float) -> dict:
-    cgroups = iso.Cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
+    cgroups = host_cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
     caps = iso.probe(cgroups)
     zygote = Zygote(caps, os.cpu_count() or 1)
     await zygote.start()

@@ -28,6 +28,7 @@ import structlog
 
 from wire import messages as m
 from worker import isolation as iso
+from worker.cgroups import Cgroups, SandboxCgroup
 
 log = structlog.get_logger("worker.sandbox")
 
@@ -148,7 +149,7 @@ class Slot:
     slot_id: str
     run_dir: Path
     network: bool
-    cgroup: iso.SandboxCgroup | None
+    cgroup: SandboxCgroup | None
     pid: int = 0
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
@@ -160,7 +161,7 @@ class SlotPool:
 
     _seq = itertools.count()
 
-    def __init__(self, zygote: Zygote, cgroups: iso.Cgroups | None, run_root: Path, *, size: int = 4,
+    def __init__(self, zygote: Zygote, cgroups: Cgroups | None, run_root: Path, *, size: int = 4,
                  pids_max: int = 64, tmp_mb: int = 64):
         self.zygote = zygote
         self.cgroups = cgroups if (cgroups is not None and cgroups.available and zygote.caps.root) else None
@@ -437,7 +438,7 @@ class SandboxProcess:
         await self.pool.discard(self.slot)
 
 
-async def _remove_cgroup(cgroup: iso.SandboxCgroup) -> None:
+async def _remove_cgroup(cgroup: SandboxCgroup) -> None:
     for _ in range(50):  # the kernel frees a cgroup once its last task is reaped
         cgroup.remove()
         if not any(d.exists() for d in cgroup.dirs):

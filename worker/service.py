@@ -18,6 +18,7 @@ from wire import messages as m
 from wire.errors import FlintError, ServiceException
 from wire.sockets import Reply, Request, now_ms
 from worker import isolation as iso
+from worker.cgroups import host_cgroups
 from worker.sandbox import SandboxProcess, SlotPool, Zygote
 from worker.state import IDLE, CodeCache, SandboxEntry, WorkerState
 
@@ -37,7 +38,7 @@ class WorkerService:
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
         self._seq = itertools.count()
-        self.cgroups = iso.Cgroups(f"flint-{rt.node_id}") if os.geteuid() == 0 else None
+        self.cgroups = host_cgroups(f"flint-{rt.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
         self.zygote = Zygote(self.caps, rt.config.cores)
         self.pool = self._new_pool()
