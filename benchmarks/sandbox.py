@@ -43,7 +43,9 @@ import uvloop  # noqa: E402
 from wire import messages as m  # noqa: E402
 from worker import isolation as iso  # noqa: E402
 from worker.cgroups import host_cgroups  # noqa: E402
-from worker.sandbox import SandboxProcess, SlotPool, Zygote  # noqa: E402
+from worker.sandbox import SandboxProcess  # noqa: E402
+from worker.slots import SlotPool  # noqa: E402
+from worker.zygote_client import Zygote  # noqa: E402
 
 HANDLER = "def handle(event, context):\n    return event\n"
 BOOTSTRAP = ROOT / "worker" / "bootstrap.py"

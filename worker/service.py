@@ -19,7 +19,9 @@ from wire.errors import FlintError, ServiceException
 from wire.sockets import Reply, Request, now_ms
 from worker import isolation as iso
 from worker.cgroups import host_cgroups
-from worker.sandbox import SandboxProcess, SlotPool, Zygote
+from worker.sandbox import SandboxProcess
+from worker.slots import SlotPool
+from worker.zygote_client import Zygote
 from worker.state import IDLE, CodeCache, SandboxEntry, WorkerState
 
 log = structlog.get_logger("worker")

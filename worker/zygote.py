@@ -1,6 +1,7 @@
 """The zygote: one single-threaded process per runtime with the runtime already imported. A sandbox is a fork.
 
-Started by the worker as `python -I zygote.py CONFIG_JSON`, with a SOCK_SEQPACKET socket at config["fd"]. Each
+This file runs as the zygote process, not in the worker: the worker's end is worker/zygote_client.py, which
+starts it as `python -I zygote.py CONFIG_JSON`, with a SOCK_SEQPACKET socket at config["fd"]. Each
 request on it is one msgpack map with two file descriptors attached (SCM_RIGHTS): the sandbox's end of its
 control channel and its log file. The zygote forks a slot; the slot isolates itself (worker/isolation.py) as far
 as it can without knowing its function, then waits. When the worker assigns a function on the slot's channel,

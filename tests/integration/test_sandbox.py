@@ -19,7 +19,9 @@ import uvloop
 from wire import messages as m
 from worker import isolation as iso
 from worker.cgroups import host_cgroups
-from worker.sandbox import SandboxProcess, SlotPool, Zygote
+from worker.sandbox import SandboxProcess
+from worker.slots import SlotPool
+from worker.zygote_client import Zygote
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="full isolation (namespaces, cgroups, uid) needs root")
 
