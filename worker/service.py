@@ -21,8 +21,8 @@ from worker import isolation as iso
 from worker.cgroups import host_cgroups
 from worker.sandbox import SandboxProcess
 from worker.slots import SlotPool
+from worker.state import IDLE, CodeCache, OrphanWatch, SandboxEntry, WorkerState, live_managers
 from worker.zygote_client import Zygote
-from worker.state import IDLE, CodeCache, SandboxEntry, WorkerState
 
 log = structlog.get_logger("worker")
 
@@ -160,33 +160,22 @@ class WorkerService:
     # --- internals -----------------------------------------------------------------------------------------------
 
     async def _reap_orphans(self) -> None:
-        """Sandboxes whose manager has been gone (not alive in placement) for `orphan_grace_s` are destroyed:
-        its functions moved to another manager, which makes its own. If placement cannot be reached, nothing
-        is reaped: a worker does not act on what it does not know."""
+        """Destroys the sandboxes whose manager has been gone for `orphan_grace_s` (the rule: OrphanWatch in
+        worker/state.py); nothing while placement cannot be reached."""
         from placement.client import NodeView, PlacementClient
 
         view = NodeView(PlacementClient(self.rt.control("placement")), max_age_s=1.0)
-        gone_since: dict[str, float] = {}
         grace = self.rt.config.settings.orphan_grace_s
+        watch = OrphanWatch(grace)
         while True:
             await asyncio.sleep(min(2.0, grace / 2))
             await view.refresh()
-            if view.last_error is not None or not view.nodes:
-                continue
-            live = {f"tcp://{n['address']}:{n['ports']['manager']}" for n in view.nodes
-                    if n["alive"] and "manager" in n["roles"]}
-            now = time.monotonic()
-            for entry in self.state.orphans(live):
-                since = gone_since.setdefault(entry.sandbox_id, now)
-                current = self.state.sandboxes.get(entry.sandbox_id)
+            live = live_managers(view.nodes if view.last_error is None else None)
+            for entry in watch.to_reap(self.state, live, time.monotonic()):
                 # checked again here: an earlier discard in this loop yielded, and the sandbox may be busy now
-                if now - since >= grace and current is entry and entry.state == IDLE:
-                    gone_since.pop(entry.sandbox_id, None)
+                if self.state.sandboxes.get(entry.sandbox_id) is entry and entry.state == IDLE:
                     await self._discard(entry.sandbox_id)
                     log.info("sandbox.orphan_reaped", sandbox_id=entry.sandbox_id, manager=entry.manager)
-            for sandbox_id in [s for s in gone_since if s not in self.state.sandboxes or
-                               self.state.sandboxes[s].manager in live]:
-                gone_since.pop(sandbox_id, None)
 
     async def _restart_zygote(self) -> None:
         """The zygote died (its sandboxes died with it): forget them and start a new one."""
