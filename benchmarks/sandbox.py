@@ -30,14 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CORES, ROOT, echo_code, p50, p99, parser, print_result  # first: the repository's path
-
 import psutil
 import uvloop
+from _common import CORES, ROOT, echo_code, p50, p99, parser, print_result  # first: the repository's path
 
 from wire import messages as m
 from worker import isolation as iso
-from worker.sandbox import SandboxProcess, SlotPool, Zygote
+from worker.cgroups import host_cgroups
+from worker.sandbox import SandboxProcess
+from worker.slots import SlotPool
+from worker.zygote_client import Zygote
 
 BOOTSTRAP = ROOT / "worker" / "bootstrap.py"
 TARGETS = {"cold_p50_ms": 10.0, "cold_p99_ms": 25.0, "warm_overhead_p50_us": 200.0, "idle_pss_mib": 5.0}
@@ -49,7 +51,7 @@ def config(name: str = "bench", memory_mb: int = 128) -> m.FunctionConfig:
 
 
 async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: float) -> dict:
-    cgroups = iso.Cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
+    cgroups = host_cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
     caps = iso.probe(cgroups)
     zygote = Zygote(caps, CORES or 1)
     await zygote.start()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import structlog
 
 from counting.state import Ledger
-from wire.host import Host
 from wire import messages as m
 from wire.errors import FlintError, PeerUnavailable, Reason, ServiceException, error_fields
+from wire.host import Host
 from wire.raft import RaftGroup
 from wire.server import Request
 from wire.tasks import Background

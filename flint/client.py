@@ -28,8 +28,8 @@ from frontend.client import FrontendClient
 from registry.package import zip_directory
 from wire import messages as m
 from wire.errors import FlintError, PeerUnavailable, Reason, TooManyRequestsException
-from wire.keys import KeyPair
 from wire.ids import new_request_id
+from wire.keys import KeyPair
 
 DEFAULT_REGION_DIR = Path(os.environ.get("FLINT_REGION", Path.home() / ".flint" / "region"))
 

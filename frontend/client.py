@@ -7,8 +7,8 @@ from typing import Any
 import zmq.asyncio
 
 from wire import messages as m
-from wire.keys import KeyPair
 from wire.client import ClientPool, Failover
+from wire.keys import KeyPair
 
 
 class FrontendClient:

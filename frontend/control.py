@@ -25,8 +25,8 @@ from wire.errors import (
     ResourceNotFoundException,
     error_fields,
 )
-from wire.principal import Role
 from wire.ids import scoped_id
+from wire.principal import Role
 from wire.server import Request
 from wire.transport import node_endpoint
 

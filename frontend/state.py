@@ -14,7 +14,6 @@ from wire.errors import Reason, ServiceException
 from wire.messages import Choice, FunctionConfig
 
 
-
 def _score(function_id: str, manager_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{function_id}|{manager_id}".encode(), digest_size=8).digest(), "big")
 

@@ -23,11 +23,11 @@ import structlog
 import tomli_w
 import uvloop
 
-from wire.config import RAFT_GROUPS, NodeConfig
-from wire.host import Host
 from wire import log as flog
 from wire import messages as m
+from wire.config import RAFT_GROUPS, NodeConfig
 from wire.errors import error_fields
+from wire.host import Host
 from wire.raft import GroupConfig, RaftGroup, cluster_password
 from wire.server import Request
 

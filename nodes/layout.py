@@ -23,8 +23,8 @@ import tomli_w
 
 from wire.config import NodeConfig, Ports
 from wire.keys import KeyPair
-from wire.transport import endpoint
 from wire.raft import generate_secret
+from wire.transport import endpoint
 
 DEFAULT_TENANT = "default"
 DEFAULT_BASE_IP = "127.77.0.1"

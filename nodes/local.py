@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from wire.config import NodeConfig, Ports
 from nodes.layout import ALL_ROLES, DATA_ROLES, DEFAULT_BASE_IP, DEFAULT_TENANT, RegionDir, RegionError, plan_nodes
 from nodes.operator import Operator
 from nodes.processes import NodeProcesses, check_free
 from wire import messages as m
+from wire.config import NodeConfig, Ports
 from wire.keys import KeyPair
 
 __all__ = ["ALL_ROLES", "DATA_ROLES", "DEFAULT_BASE_IP", "DEFAULT_TENANT", "Region", "RegionError", "plan_nodes"]

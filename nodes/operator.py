@@ -14,8 +14,8 @@ import zmq.asyncio
 from nodes.layout import DEFAULT_TENANT, RegionDir, RegionError
 from nodes.processes import NodeProcesses
 from wire import messages as m
-from wire.errors import FlintError
 from wire.client import ClientPool, Failover
+from wire.errors import FlintError
 
 
 class Operator:

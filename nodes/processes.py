@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from wire.config import Ports
 from nodes.layout import RegionDir, RegionError
+from wire.config import Ports
 
 
 class NodeProcesses:

@@ -6,10 +6,10 @@ import asyncio
 
 import structlog
 
-from wire.host import Host
 from placement.client import PlacementClient
 from wire import messages as m
 from wire.errors import FlintError, ResourceNotFoundException, error_fields
+from wire.host import Host
 
 log = structlog.get_logger("placement.agent")
 

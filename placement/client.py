@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from wire import messages as m
 from wire.client import Failover
 from wire.errors import FlintError, error_fields
-from wire.transport import node_endpoint
 
 
 class PlacementClient:
@@ -74,10 +73,6 @@ class NodeView:
 
     def healthy(self, role: str) -> list[m.NodeView]:
         return [n for n in self.nodes if n.healthy and role in n.roles]
-
-    def live_endpoints(self, role: str) -> set[str]:
-        """Where the live (heartbeating) nodes of `role` serve it."""
-        return {node_endpoint(n, role) for n in self.nodes if n.alive and role in n.roles}
 
     def azs(self) -> list[str]:
         return sorted({n.az for n in self.nodes if m.Role.WORKER in n.roles})

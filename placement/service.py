@@ -6,9 +6,9 @@ import asyncio
 
 import structlog
 
-from wire.host import Host
 from wire import messages as m
 from wire.errors import FlintError, error_fields
+from wire.host import Host
 from wire.ids import new_request_id
 from wire.raft import RaftGroup
 from wire.server import Request

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+
 def configure(*, json: bool | None = None, level: str = "info", stream: Any = None) -> None:
     stream = stream or sys.stdout
     if json is None:

@@ -1,7 +1,8 @@
 """The Python runtime inside a sandbox. Normally run by a fork of the zygote (worker/zygote.py) after isolation;
 it can also be started on its own as `python -I bootstrap.py HANDLER` with the channel on fds 0 and 1.
 
-Contract with the worker (documented in the README):
+This file runs inside the sandbox, never in the worker. Contract with the worker (its end: worker/sandbox.py;
+documented in the README):
 - the control channel carries messages of a 4-byte big-endian length and one msgpack map; the handler's
   stdout and stderr both go to the sandbox log.
 - First message out: {"t": "ready"} or {"t": "init_error", "error": {errorType, errorMessage, stackTrace}}.

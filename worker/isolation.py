@@ -1,12 +1,15 @@
 """What a sandbox is isolated with, and the system calls that do it.
 
 Applied in the sandbox process after the zygote forks it and before any tenant code runs (worker/zygote.py):
-cgroup (memory = the function's memory, pids, CPU in proportion to memory), new pid, mount, ipc, uts and network
+its cgroups (made by the worker, worker/cgroups.py; the sandbox joins them), new pid, mount, ipc, uts and network
 namespaces, a fresh read-only root with the runtime, the code at /var/task, a private /proc and a size-limited
 /tmp, an unprivileged uid with every capability dropped, no_new_privs, a seccomp filter, rlimits.
 
 Without root only the last four can be had (rlimits, no_new_privs, seccomp, and the process boundary itself);
 `probe()` says which apply here, and the worker reports it to placement and `flint cluster status`.
+
+Imported by the worker (`probe`) and by the zygote process, which loads this file by path as `isolation`, not
+as `worker.isolation`: it must import nothing of the node, and nothing of its own package at run time.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import ctypes.util
 import dataclasses
 import errno
 import os
-import re
 import resource
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.cgroups import Cgroups  # not at run time: the zygote imports this file outside the package
 
 # --- constants from the kernel headers -----------------------------------------------------------------------------
 
@@ -200,191 +205,6 @@ def seccomp_filter() -> Any:
     except (RuntimeError, ValueError, OSError):
         pass
     return f
-
-
-# --- cgroups -----------------------------------------------------------------------------------------------------
-
-CPU_PERIOD_US = 100_000
-MB_PER_CORE = 1769  # as Lambda: a function with 1769 MB gets one full core
-
-
-def cpu_quota_us(memory_mb: int, cores: int) -> int:
-    return max(1000, min(cores * CPU_PERIOD_US, CPU_PERIOD_US * memory_mb // MB_PER_CORE))
-
-
-@dataclasses.dataclass
-class SandboxCgroup:
-    """The cgroup directories of one sandbox: where its processes go, and what to read after it dies."""
-
-    procs_files: list[str]  # a pid written to each joins the sandbox's cgroups
-    dirs: list[Path]
-    version: int
-
-    def configure(self, memory_mb: int) -> None:
-        """Set the function's memory on a prepared slot's cgroup (no process has to move)."""
-        limit = memory_mb * 1024 * 1024
-        if self.version == 1:
-            mem, _, cpu = self.dirs
-            if (mem / "memory.memsw.limit_in_bytes").exists():
-                # memsw must stay >= the memory limit: order the two writes by direction
-                current = int((mem / "memory.limit_in_bytes").read_text())
-                first, second = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
-                if limit > current:
-                    first, second = second, first
-                _write(mem / first, limit)
-                _write(mem / second, limit)
-            else:
-                _write(mem / "memory.limit_in_bytes", limit)
-        else:
-            _write(self.dirs[0] / "memory.max", limit)
-
-    def limit_cpu(self, memory_mb: int, cores: int) -> None:
-        """The function's CPU share, applied once its runtime is ready: init runs unthrottled, as on Lambda."""
-        quota = cpu_quota_us(memory_mb, cores)
-        if self.version == 1:
-            _write(self.dirs[2] / "cpu.cfs_quota_us", quota)
-        else:
-            _write(self.dirs[0] / "cpu.max", f"{quota} {CPU_PERIOD_US}")
-
-    def pids(self) -> list[int]:
-        try:  # os-level: this runs after every warm invoke
-            fd = os.open(self.procs_files[0], os.O_RDONLY)
-            try:
-                return [int(p) for p in os.read(fd, 1 << 16).split()]
-            finally:
-                os.close(fd)
-        except (OSError, ValueError, IndexError):
-            return []
-
-    def oom_killed(self) -> bool:
-        for d in self.dirs:
-            if self.version == 1 and (d / "memory.oom_control").exists():
-                text = (d / "memory.oom_control").read_text()
-                m = re.search(r"oom_kill (\d+)", text)
-                if m and int(m.group(1)) > 0:
-                    return True
-                if (d / "memory.failcnt").exists() and int((d / "memory.failcnt").read_text() or 0) > 0:
-                    limit = int((d / "memory.limit_in_bytes").read_text())
-                    peak = int((d / "memory.max_usage_in_bytes").read_text())
-                    return peak >= limit - 4 * 1024 * 1024
-            if self.version == 2 and (d / "memory.events").exists():
-                m = re.search(r"oom_kill (\d+)", (d / "memory.events").read_text())
-                return bool(m and int(m.group(1)) > 0)
-        return False
-
-    def kill_all(self) -> None:
-        for pid in self.pids():
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-
-    def remove(self) -> None:
-        for d in self.dirs:
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-
-
-class Cgroups:
-    """Creates per-sandbox cgroups under the worker's own cgroup, on cgroup v1 (one hierarchy per controller)
-    or v2 (the unified hierarchy, controllers enabled down the subtree)."""
-
-    CONTROLLERS = ("memory", "pids", "cpu")
-
-    def __init__(self, name: str, mount: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")):
-        self.name = name
-        self.mount = mount
-        self.version = 0
-        self.parents: dict[str, Path] = {}
-        self.reason = ""
-        try:
-            self._discover(self_cgroup.read_text())
-        except OSError as exc:
-            self.reason = f"cgroups unreadable: {exc.strerror}"
-
-    def _discover(self, self_cgroup: str) -> None:
-        v1: dict[str, str] = {}
-        v2_path = None
-        for line in self_cgroup.splitlines():
-            parts = line.split(":", 2)
-            if len(parts) != 3:
-                continue
-            _, controllers, path = parts
-            if controllers == "":
-                v2_path = path
-            for c in controllers.split(","):
-                v1[c] = path
-        if all(c in v1 and (self.mount / c).is_dir() for c in self.CONTROLLERS):
-            parents = {c: self.mount / c / v1[c].lstrip("/") / self.name for c in self.CONTROLLERS}
-            if self._make(parents.values()):
-                self.version, self.parents = 1, parents
-            return
-        controllers_file = self.mount / "cgroup.controllers"
-        if v2_path is not None and controllers_file.exists():
-            available = controllers_file.read_text().split()
-            if not all(c in available for c in self.CONTROLLERS):
-                self.reason = f"cgroup v2 lacks controllers {set(self.CONTROLLERS) - set(available)}"
-                return
-            own = self.mount / v2_path.lstrip("/")
-            parent = own / self.name
-            try:
-                if not self._make([parent]):
-                    return
-                # a cgroup with processes cannot hand controllers to children: ours must be delegated to us
-                (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.CONTROLLERS))
-            except OSError as exc:
-                self.reason = f"cgroup v2 controllers not delegated here ({exc.strerror})"
-                return
-            self.version, self.parents = 2, {"unified": parent}
-            return
-        self.reason = "no cgroup hierarchy with memory, pids and cpu"
-
-    def _make(self, dirs) -> bool:
-        try:
-            for d in dirs:
-                d.mkdir(parents=True, exist_ok=True)
-            return True
-        except OSError as exc:
-            self.reason = f"cannot create cgroups ({exc.strerror})"
-            return False
-
-    @property
-    def available(self) -> bool:
-        return self.version in (1, 2)
-
-    def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
-               quota_now: bool = True) -> SandboxCgroup:
-        limit = memory_mb * 1024 * 1024
-        quota = cpu_quota_us(memory_mb, cores)
-        if self.version == 1:
-            dirs = {c: p / sandbox_id for c, p in self.parents.items()}
-            for d in dirs.values():
-                d.mkdir(exist_ok=True)
-            _write(dirs["memory"] / "memory.limit_in_bytes", limit)
-            if (dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
-                _write(dirs["memory"] / "memory.memsw.limit_in_bytes", limit)  # no escape into swap
-            _write(dirs["memory"] / "memory.swappiness", 0, optional=True)
-            _write(dirs["pids"] / "pids.max", pids_max)
-            _write(dirs["cpu"] / "cpu.cfs_period_us", CPU_PERIOD_US)
-            _write(dirs["cpu"] / "cpu.cfs_quota_us", quota if quota_now else -1)
-            return SandboxCgroup([str(d / "cgroup.procs") for d in dirs.values()], list(dirs.values()), 1)
-        d = self.parents["unified"] / sandbox_id
-        d.mkdir(exist_ok=True)
-        _write(d / "memory.max", limit)
-        _write(d / "memory.swap.max", 0, optional=True)
-        _write(d / "pids.max", pids_max)
-        _write(d / "cpu.max", f"{quota if quota_now else 'max'} {CPU_PERIOD_US}")
-        return SandboxCgroup([str(d / "cgroup.procs")], [d], 2)
-
-
-def _write(path: Path, value: Any, optional: bool = False) -> None:
-    try:
-        path.write_text(str(value))
-    except OSError:
-        if not optional:
-            raise
 
 
 # --- what applies here -------------------------------------------------------------------------------------------

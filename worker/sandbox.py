@@ -1,52 +1,30 @@
-"""Sandboxes as the worker sees them: forks of a zygote, isolated before tenant code runs, one invoke at a time.
+"""One sandbox as the worker sees it: a prepared slot given a function, running one invoke at a time.
 
-`Zygote` starts and talks to the zygote process (worker/zygote.py). `SandboxProcess` is one sandbox: it asks
-the zygote for a fork, holds the control channel, enforces the timeout, and turns every way a sandbox can end
-(exception, timeout, exit, out of memory, stray processes) into the Lambda error a tenant expects.
+`SandboxProcess` holds the sandbox's control channel (frames documented in worker/bootstrap.py, which runs at
+its other end), enforces the timeout, and turns every way a sandbox can end (exception, timeout, exit, out of
+memory, stray processes) into the Lambda error a tenant expects. Where it comes from: worker/slots.py (the
+prepared slots) and worker/zygote_client.py (the zygote they are forked from).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import os
 import signal
-import site
-import shutil
-import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import structlog
 
 from wire import messages as m
-from worker import isolation as iso
+from worker.slots import Slot, SlotPool
 
-log = structlog.get_logger("worker.sandbox")
-
-ZYGOTE = str(Path(__file__).with_name("zygote.py"))
 INIT_TIMEOUT_S = 10.0  # Lambda allows 10 s of init
 LOG_TAIL_BYTES = 4096
-SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/etc")
-UID_BASE = 100_000  # sandboxes run as uids UID_BASE.. UID_BASE+UID_SPAN, one per live sandbox
-UID_SPAN = 50_000
-
-
-def runtime_binds() -> list[str]:
-    """The system and this interpreter's install (stdlib, site-packages), bound read-only into every sandbox."""
-    paths = list(SYSTEM_BINDS)
-    for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}:
-        p = os.path.realpath(p)
-        if not any(p == b or p.startswith(b + "/") for b in paths):
-            paths.append(p)
-    return paths
 
 
 @dataclasses.dataclass
@@ -55,204 +33,6 @@ class Outcome:
     function_error: str | None = None  # "Unhandled" when the handler, the runtime or the sandbox failed
     log: str | None = None
     alive: bool = True  # False: the sandbox is gone and must not be reused
-
-
-class Zygote:
-    """The worker's end of one zygote process."""
-
-    def __init__(self, caps: iso.Capabilities, cores: int):
-        self.caps = caps
-        self.cores = cores
-        self.proc: subprocess.Popen | None = None
-        self.sock: socket.socket | None = None
-        self._spawned: dict[str, asyncio.Future] = {}
-        self.exits: dict[str, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
-        self._lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {"fd": theirs.fileno(), "worker_pid": os.getpid(), "isolate": self.caps.root and self.caps.namespaces,
-                  "seccomp": self.caps.seccomp}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", ZYGOTE, json.dumps(config)], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
-        theirs.close()
-        ours.setblocking(False)
-        self.sock = ours
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="zygote-read")
-
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.sock is not None
-        while True:
-            data = await loop.sock_recv(self.sock, 65536)
-            if not data:
-                log.error("zygote.exited", returncode=self.proc.poll() if self.proc else None)
-                for fut in [*self._spawned.values(), *self.exits.values()]:
-                    if not fut.done():
-                        fut.set_result(None)
-                return
-            msg = msgpack.unpackb(data, raw=False)
-            if msg["t"] == "spawned":
-                fut = self._spawned.pop(msg["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg["pid"])
-            elif msg["t"] == "exited":
-                fut = self.exits.get(msg["id"])
-                if fut is not None and not fut.done():
-                    fut.set_result(msg["status"])
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    async def spawn(self, request: dict[str, Any], fds: list[int]) -> int:
-        loop = asyncio.get_running_loop()
-        assert self.sock is not None
-        sandbox_id = request["id"]
-        self._spawned[sandbox_id] = loop.create_future()
-        self.exits[sandbox_id] = loop.create_future()
-        data = msgpack.packb(request, use_bin_type=True)
-        async with self._lock:
-            while True:
-                try:
-                    socket.send_fds(self.sock, [data], fds)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.001)
-        pid = await asyncio.wait_for(self._spawned[sandbox_id], 10.0)
-        if pid is None:
-            raise RuntimeError("the zygote died")
-        return pid
-
-    def forget(self, sandbox_id: str) -> None:
-        self.exits.pop(sandbox_id, None)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.sock is not None:
-            self.sock.close()
-
-
-@dataclasses.dataclass
-class Slot:
-    """A sandbox prepared ahead of need: cgroups joined, namespaces entered, root filesystem built; waiting on
-    its channel for a function."""
-
-    slot_id: str
-    run_dir: Path
-    network: bool
-    cgroup: iso.SandboxCgroup | None
-    pid: int = 0
-    reader: asyncio.StreamReader | None = None
-    writer: asyncio.StreamWriter | None = None
-
-
-class SlotPool:
-    """Keeps `size` slots without network ready, so a cold start only binds code, pivots and drops privileges;
-    a slot with network (rare) is prepared when asked for."""
-
-    _seq = itertools.count()
-
-    def __init__(self, zygote: Zygote, cgroups: iso.Cgroups | None, run_root: Path, *, size: int = 4,
-                 pids_max: int = 64, tmp_mb: int = 64):
-        self.zygote = zygote
-        self.cgroups = cgroups if (cgroups is not None and cgroups.available and zygote.caps.root) else None
-        self.run_root = run_root
-        self.size = size
-        self.pids_max = pids_max
-        self.tmp_mb = tmp_mb
-        self.ready: list[Slot] = []
-        self._wanted = asyncio.Event()
-        self._filler: asyncio.Task | None = None
-
-    @property
-    def isolated(self) -> bool:
-        return self.zygote.caps.root and self.zygote.caps.namespaces
-
-    def start(self) -> None:
-        self._filler = asyncio.get_running_loop().create_task(self._fill(), name="slot-pool")
-        self._wanted.set()
-
-    async def _fill(self) -> None:
-        while True:
-            await self._wanted.wait()
-            self._wanted.clear()
-            while len(self.ready) < self.size:
-                try:
-                    self.ready.append(await self.prepare(network=False))
-                except Exception:
-                    log.exception("slot.prepare_failed")
-                    await asyncio.sleep(1.0)
-                    break
-
-    async def take(self, network: bool) -> Slot:
-        while not network and self.ready:
-            slot = self.ready.pop()
-            self._wanted.set()
-            if self.zygote.exits.get(slot.slot_id) is not None and not self.zygote.exits[slot.slot_id].done():
-                return slot
-            await self.discard(slot)  # died while waiting (zygote restart)
-        self._wanted.set()
-        return await self.prepare(network=network)
-
-    async def prepare(self, network: bool) -> Slot:
-        slot_id = f"slot-{os.getpid()}-{next(self._seq)}"
-        run_dir = self.run_root / slot_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cgroup = (self.cgroups.create(slot_id, 128, self.pids_max, self.zygote.cores, quota_now=False)
-                  if self.cgroups else None)
-        slot = Slot(slot_id, run_dir, network, cgroup)
-        log_fd = os.open(run_dir / "log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # RDWR: the runtime reads its tail
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        request = {
-            "id": slot_id,
-            "root_dir": str(run_dir / "root"),
-            "binds": runtime_binds(),
-            "network": network,
-            "uid": UID_BASE + next(self._seq) % UID_SPAN,
-            "tmp_mb": self.tmp_mb,
-            "pids_max": self.pids_max,
-            "cgroup_procs": cgroup.procs_files if cgroup else [],
-        }
-        try:
-            slot.pid = await self.zygote.spawn(request, [theirs.fileno(), log_fd])
-        finally:
-            theirs.close()
-            os.close(log_fd)
-        slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours)
-        return slot
-
-    async def discard(self, slot: Slot) -> None:
-        if slot.writer is not None:
-            slot.writer.close()  # an unassigned slot exits when its channel closes
-        fut = self.zygote.exits.get(slot.slot_id)
-        if slot.pid and fut is not None and not fut.done():
-            try:
-                os.kill(slot.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), 2.0)
-            except asyncio.TimeoutError:
-                pass
-        self.zygote.forget(slot.slot_id)
-        if slot.cgroup is not None:
-            slot.cgroup.kill_all()
-            await _remove_cgroup(slot.cgroup)
-        shutil.rmtree(slot.run_dir, ignore_errors=True)
-
-    async def close(self) -> None:
-        if self._filler is not None:
-            self._filler.cancel()
-        slots, self.ready = self.ready, []
-        await asyncio.gather(*(self.discard(s) for s in slots), return_exceptions=True)
 
 
 class SandboxProcess:
@@ -306,8 +86,7 @@ class SandboxProcess:
 
     @property
     def alive(self) -> bool:
-        fut = self.zygote.exits.get(self.slot.slot_id)
-        return fut is not None and not fut.done()
+        return self.zygote.running(self.slot.slot_id)
 
     # --- invoke --------------------------------------------------------------------------------------------------
 
@@ -425,24 +204,12 @@ class SandboxProcess:
     # --- ending --------------------------------------------------------------------------------------------------
 
     def kill(self) -> None:
-        if self.pid and self.alive:
-            try:
-                os.kill(self.pid, signal.SIGKILL)  # the pid namespace's init dies with it, and so does all inside
-            except ProcessLookupError:
-                pass
+        self.pool.kill(self.slot)
         if self.cgroup is not None:
             self.cgroup.kill_all()
 
     async def close(self) -> None:
         await self.pool.discard(self.slot)
-
-
-async def _remove_cgroup(cgroup: iso.SandboxCgroup) -> None:
-    for _ in range(50):  # the kernel frees a cgroup once its last task is reaped
-        cgroup.remove()
-        if not any(d.exists() for d in cgroup.dirs):
-            return
-        await asyncio.sleep(0.01)
 
 
 def sandbox_environment(sandbox_id: str, config: m.FunctionConfig, tmp: str) -> dict[str, str]:

@@ -11,19 +11,23 @@ from pathlib import Path
 
 import structlog
 
-from wire.host import Host
+from manager.client import ManagerClient
+from placement.client import NodeView, PlacementClient
 from registry.client import RegistryClient
 from registry.package import unpack
 from wire import messages as m
 from wire.errors import FlintError, Reason, ServiceException, error_fields
+from wire.host import Host
 from wire.ids import now_ms
 from wire.messages import ReleaseOutcome
 from wire.server import Request
 from wire.tasks import Background
-from manager.client import ManagerClient
 from worker import isolation as iso
-from worker.sandbox import SandboxProcess, SlotPool, Zygote
-from worker.state import IDLE, CodeCache, SandboxEntry, WorkerState
+from worker.cgroups import host_cgroups
+from worker.sandbox import SandboxProcess
+from worker.slots import SlotPool
+from worker.state import IDLE, CodeCache, OrphanWatch, SandboxEntry, WorkerState, live_managers
+from worker.zygote_client import Zygote
 
 log = structlog.get_logger("worker")
 
@@ -42,7 +46,7 @@ class WorkerService:
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._background = Background("worker")
         self._seq = itertools.count()
-        self.cgroups = iso.Cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
+        self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
         self.zygote = Zygote(self.caps, host.config.cores)
         self.pool = self._new_pool()
@@ -159,33 +163,20 @@ class WorkerService:
     # --- internals -----------------------------------------------------------------------------------------------
 
     async def _reap_orphans(self) -> None:
-        """Sandboxes whose manager has been gone (not alive in placement) for `orphan_grace_s` are destroyed:
-        its functions moved to another manager, which makes its own. If placement cannot be reached, nothing
-        is reaped: a worker does not act on what it does not know."""
-        from placement.client import NodeView, PlacementClient
-
+        """Destroys the sandboxes whose manager has been gone for `orphan_grace_s` (the rule: OrphanWatch in
+        worker/state.py); nothing while placement cannot be reached."""
         view = NodeView(PlacementClient(self.host.control("placement")), max_age_s=1.0)
-        gone_since: dict[str, float] = {}
         grace = self.host.config.settings.orphan_grace_s
+        watch = OrphanWatch(grace)
         while True:
             await asyncio.sleep(min(2.0, grace / 2))
             await view.refresh()
-            if view.last_error is not None or not view.nodes:
-                continue
-            live = {f"tcp://{n['address']}:{n['ports']['manager']}" for n in view.nodes
-                    if n["alive"] and "manager" in n["roles"]}
-            now = time.monotonic()
-            for entry in self.state.orphans(live):
-                since = gone_since.setdefault(entry.sandbox_id, now)
-                current = self.state.sandboxes.get(entry.sandbox_id)
+            live = live_managers(view.nodes if view.last_error is None else None)
+            for entry in watch.to_reap(self.state, live, time.monotonic()):
                 # checked again here: an earlier discard in this loop yielded, and the sandbox may be busy now
-                if now - since >= grace and current is entry and entry.state == IDLE:
-                    gone_since.pop(entry.sandbox_id, None)
+                if self.state.sandboxes.get(entry.sandbox_id) is entry and entry.state == IDLE:
                     await self._discard(entry.sandbox_id)
                     log.info("sandbox.orphan_reaped", sandbox_id=entry.sandbox_id, manager=entry.manager)
-            for sandbox_id in [s for s in gone_since if s not in self.state.sandboxes or
-                               self.state.sandboxes[s].manager in live]:
-                gone_since.pop(sandbox_id, None)
 
     async def _restart_zygote(self) -> None:
         """The zygote died (its sandboxes died with it): forget them and start a new one."""

@@ -1,14 +1,18 @@
-"""Worker bookkeeping with no I/O: the sandboxes on this host and the code cache's size bound."""
+"""Worker bookkeeping with no I/O: the sandboxes on this host, when an orphaned one is reaped, and the code
+cache's size bound. Time is passed in; worker/service.py does the I/O these rules call for."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
+from wire.config import DEFAULTS
 from wire.errors import ResourceConflictException, ResourceNotFoundException
+from wire.messages import NodeView, Role, SandboxState
+from wire.transport import node_endpoint
 
-STARTING, IDLE, BUSY = "starting", "idle", "busy"
-DEFAULT_CODE_CACHE_MB = 2048
+STARTING, IDLE, BUSY = SandboxState.STARTING, SandboxState.IDLE, SandboxState.BUSY
 
 
 @dataclasses.dataclass
@@ -86,10 +90,47 @@ class WorkerState:
         ]
 
 
+def live_managers(nodes: Sequence[NodeView] | None) -> set[str] | None:
+    """The manager endpoints placement reports alive; None when it could not say: unreachable (None), or a view
+    with no nodes at all, which no running region gives (this worker is in it)."""
+    if not nodes:
+        return None
+    return {node_endpoint(n, "manager") for n in nodes if n.alive and Role.MANAGER in n.roles}
+
+
+class OrphanWatch:
+    """Sandboxes whose manager has been gone (not alive in placement) for `grace_s` are reaped: its functions
+    moved to another manager, which makes its own. A sandbox's timer starts when it is first seen idle with its
+    manager gone, and is forgotten only once its manager is seen alive again or the sandbox is gone (an invoke
+    meanwhile does not restart it). When placement could not say who is alive nothing is reaped and no timer
+    changes: a worker does not act on what it does not know."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.gone_since: dict[str, float] = {}  # sandbox id -> when it was first seen orphaned
+
+    def to_reap(self, state: WorkerState, live: set[str] | None, now: float) -> list[SandboxEntry]:
+        """The idle orphans whose grace has run out. The caller destroys them, checking each is still the same
+        idle entry first (destroying one yields, and the next may have been given an invoke meanwhile); one it
+        skips keeps its timer, and is returned again once idle."""
+        if live is None:
+            return []
+        due = []
+        for entry in state.orphans(live):
+            since = self.gone_since.setdefault(entry.sandbox_id, now)
+            if now - since >= self.grace_s:
+                due.append(entry)
+        for sandbox_id in list(self.gone_since):
+            entry = state.sandboxes.get(sandbox_id)
+            if entry is None or entry.manager in live:
+                del self.gone_since[sandbox_id]
+        return due
+
+
 class CodeCache:
     """Unpacked code packages on this host, bounded in bytes; the least recently used unused one goes first."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CODE_CACHE_MB * 1024 * 1024):
+    def __init__(self, max_bytes: int = DEFAULTS.code_cache_mb * 1024 * 1024):
         self.max_bytes = max_bytes
         self.entries: dict[str, tuple[int, float]] = {}  # sha256 -> (unpacked bytes, last used)
 

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:
-        from wire.config import ConfigError
         from nodes.local import RegionError
+        from wire.config import ConfigError
 
         if isinstance(err, (RegionError, ConfigError)):
             print(f"error: {err}", file=sys.stderr)

@@ -18,7 +18,10 @@ import uvloop
 
 from wire import messages as m
 from worker import isolation as iso
-from worker.sandbox import SandboxProcess, SlotPool, Zygote
+from worker.cgroups import host_cgroups
+from worker.sandbox import SandboxProcess
+from worker.slots import SlotPool
+from worker.zygote_client import Zygote
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="full isolation (namespaces, cgroups, uid) needs root")
 
@@ -135,7 +138,7 @@ class Harness:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.cgroups = iso.Cgroups(f"flint-test-{os.getpid()}") if os.geteuid() == 0 and cgroups else None
+        self.cgroups = host_cgroups(f"flint-test-{os.getpid()}") if os.geteuid() == 0 and cgroups else None
         self.caps = caps or iso.probe(self.cgroups)
         self.run(self._start())
 

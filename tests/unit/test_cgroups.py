@@ -3,7 +3,15 @@ out as its cgroupfs would be (files the kernel would create are created here bef
 
 from pathlib import Path
 
-from worker.isolation import Cgroups, cpu_quota_us
+from worker.cgroups import (
+    CgroupsV1,
+    CgroupsV2,
+    NoCgroups,
+    SandboxCgroupV1,
+    SandboxCgroupV2,
+    cpu_quota_us,
+    host_cgroups,
+)
 
 
 def test_cpu_follows_memory_as_on_lambda():
@@ -24,8 +32,8 @@ def fake_v2(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_v2_sandbox_gets_memory_pids_and_cpu_limits(tmp_path):
     mount, self_cgroup = fake_v2(tmp_path)
-    cg = Cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
-    assert cg.version == 2 and cg.available, cg.reason
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV2) and cg.version == 2 and cg.available, cg.reason
     parent = mount / "system.slice" / "flint.service" / "flint-n1"
     assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     sandbox = cg.create("sb1", memory_mb=512, pids_max=64, cores=2)
@@ -33,7 +41,7 @@ def test_v2_sandbox_gets_memory_pids_and_cpu_limits(tmp_path):
     assert (d / "memory.max").read_text() == str(512 * 1024 * 1024)
     assert (d / "pids.max").read_text() == "64"
     assert (d / "cpu.max").read_text() == f"{cpu_quota_us(512, 2)} 100000"
-    assert sandbox.procs_files == [str(d / "cgroup.procs")]
+    assert isinstance(sandbox, SandboxCgroupV2) and sandbox.procs_files == [str(d / "cgroup.procs")]
     sandbox.configure(256)
     assert (d / "memory.max").read_text() == str(256 * 1024 * 1024)
 
@@ -41,8 +49,8 @@ def test_v2_sandbox_gets_memory_pids_and_cpu_limits(tmp_path):
 def test_v2_without_the_controllers_says_why(tmp_path):
     mount, self_cgroup = fake_v2(tmp_path)
     (mount / "cgroup.controllers").write_text("cpu io\n")
-    cg = Cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
-    assert not cg.available and "lacks controllers" in cg.reason
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, NoCgroups) and not cg.available and "lacks controllers" in cg.reason
 
 
 def test_v1_sandbox_gets_one_group_per_controller(tmp_path):
@@ -51,10 +59,10 @@ def test_v1_sandbox_gets_one_group_per_controller(tmp_path):
         (mount / c / "worker").mkdir(parents=True)
     self_cgroup = tmp_path / "self_cgroup"
     self_cgroup.write_text("9:pids:/worker\n4:memory:/worker\n2:cpu:/worker\n")
-    cg = Cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
-    assert cg.version == 1, cg.reason
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV1) and cg.version == 1, cg.reason
     sandbox = cg.create("sb1", memory_mb=1769, pids_max=32, cores=2)
     assert (mount / "memory/worker/flint-n1/sb1/memory.limit_in_bytes").read_text() == str(1769 * 1024 * 1024)
     assert (mount / "pids/worker/flint-n1/sb1/pids.max").read_text() == "32"
     assert (mount / "cpu/worker/flint-n1/sb1/cpu.cfs_quota_us").read_text() == "100000"
-    assert len(sandbox.procs_files) == 3
+    assert isinstance(sandbox, SandboxCgroupV1) and len(sandbox.procs_files) == 3

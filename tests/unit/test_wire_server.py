@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from tests.conftest import fresh_base_ip
 from wire import codec
 from wire import messages as m
+from wire.client import Client
 from wire.errors import InvalidRequestContentException, PeerUnavailable, ResourceNotFoundException
 from wire.keys import KeyPair
-from wire.client import Client
 from wire.server import Server
 from wire.zap import Authenticator
 

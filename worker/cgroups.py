@@ -1,0 +1,256 @@
+"""Per-sandbox cgroups (memory = the function's memory, pids, CPU in proportion to memory), on cgroup v1 or v2.
+
+Runs in the worker: it makes a slot's cgroups before the zygote forks the slot, which joins them itself
+(worker/zygote.py only writes its pid to the `procs_files` it is given). `host_cgroups()` picks the version this
+host has; `CgroupsV1` and `CgroupsV2` make the groups, `SandboxCgroupV1` and `SandboxCgroupV2` are one sandbox's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+CONTROLLERS = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000
+MB_PER_CORE = 1769  # as Lambda: a function with 1769 MB gets one full core
+
+
+def cpu_quota_us(memory_mb: int, cores: int) -> int:
+    return max(1000, min(cores * CPU_PERIOD_US, CPU_PERIOD_US * memory_mb // MB_PER_CORE))
+
+
+# --- one sandbox's cgroups -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SandboxCgroup:
+    """The cgroup directories of one sandbox: where its processes go, and what to read after it dies."""
+
+    version: ClassVar[int] = 0
+    procs_files: list[str]  # a pid written to each joins the sandbox's cgroups
+    dirs: list[Path]
+
+    def configure(self, memory_mb: int) -> None:
+        """Set the function's memory on a prepared slot's cgroup (no process has to move)."""
+        raise NotImplementedError
+
+    def limit_cpu(self, memory_mb: int, cores: int) -> None:
+        """The function's CPU share, applied once its runtime is ready: init runs unthrottled, as on Lambda."""
+        raise NotImplementedError
+
+    def oom_killed(self) -> bool:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        try:  # os-level: this runs after every warm invoke
+            fd = os.open(self.procs_files[0], os.O_RDONLY)
+            try:
+                return [int(p) for p in os.read(fd, 1 << 16).split()]
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, IndexError):
+            return []
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+class SandboxCgroupV1(SandboxCgroup):
+    """dirs: the sandbox's group in the memory, pids and cpu hierarchies, in that order."""
+
+    version = 1
+
+    def configure(self, memory_mb: int) -> None:
+        limit = memory_mb * 1024 * 1024
+        mem = self.dirs[0]
+        if (mem / "memory.memsw.limit_in_bytes").exists():
+            # memsw must stay >= the memory limit: order the two writes by direction
+            current = int((mem / "memory.limit_in_bytes").read_text())
+            first, second = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+            if limit > current:
+                first, second = second, first
+            _write(mem / first, limit)
+            _write(mem / second, limit)
+        else:
+            _write(mem / "memory.limit_in_bytes", limit)
+
+    def limit_cpu(self, memory_mb: int, cores: int) -> None:
+        _write(self.dirs[2] / "cpu.cfs_quota_us", cpu_quota_us(memory_mb, cores))
+
+    def oom_killed(self) -> bool:
+        for d in self.dirs:
+            if (d / "memory.oom_control").exists():
+                m = re.search(r"oom_kill (\d+)", (d / "memory.oom_control").read_text())
+                if m and int(m.group(1)) > 0:
+                    return True
+                if (d / "memory.failcnt").exists() and int((d / "memory.failcnt").read_text() or 0) > 0:
+                    limit = int((d / "memory.limit_in_bytes").read_text())
+                    peak = int((d / "memory.max_usage_in_bytes").read_text())
+                    return peak >= limit - 4 * 1024 * 1024
+        return False
+
+
+class SandboxCgroupV2(SandboxCgroup):
+    """dirs: the sandbox's one group in the unified hierarchy."""
+
+    version = 2
+
+    def configure(self, memory_mb: int) -> None:
+        _write(self.dirs[0] / "memory.max", memory_mb * 1024 * 1024)
+
+    def limit_cpu(self, memory_mb: int, cores: int) -> None:
+        _write(self.dirs[0] / "cpu.max", f"{cpu_quota_us(memory_mb, cores)} {CPU_PERIOD_US}")
+
+    def oom_killed(self) -> bool:
+        for d in self.dirs:
+            if (d / "memory.events").exists():
+                m = re.search(r"oom_kill (\d+)", (d / "memory.events").read_text())
+                return bool(m and int(m.group(1)) > 0)
+        return False
+
+
+# --- the host's cgroups --------------------------------------------------------------------------------------------
+
+
+class Cgroups:
+    """Makes per-sandbox cgroups under the worker's own cgroup; `version` 0 (and `reason`) when it cannot."""
+
+    version = 0
+    reason = ""  # why cgroups are not available here
+
+    @property
+    def available(self) -> bool:
+        return self.version in (1, 2)
+
+    def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
+               quota_now: bool = True) -> SandboxCgroup:
+        raise NotImplementedError
+
+
+class NoCgroups(Cgroups):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
+               quota_now: bool = True) -> SandboxCgroup:
+        raise RuntimeError(f"no cgroups here: {self.reason}")
+
+
+class CgroupsV1(Cgroups):
+    """One hierarchy per controller: a sandbox gets a group in each of memory, pids and cpu."""
+
+    version = 1
+
+    def __init__(self, parents: dict[str, Path]):
+        self.parents = parents  # controller -> the worker's group for its sandboxes
+
+    @classmethod
+    def setup(cls, parents: dict[str, Path]) -> Cgroups:
+        reason = _make(parents.values())
+        return NoCgroups(reason) if reason else cls(parents)
+
+    def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
+               quota_now: bool = True) -> SandboxCgroup:
+        limit = memory_mb * 1024 * 1024
+        dirs = {c: self.parents[c] / sandbox_id for c in CONTROLLERS}
+        for d in dirs.values():
+            d.mkdir(exist_ok=True)
+        _write(dirs["memory"] / "memory.limit_in_bytes", limit)
+        if (dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
+            _write(dirs["memory"] / "memory.memsw.limit_in_bytes", limit)  # no escape into swap
+        _write(dirs["memory"] / "memory.swappiness", 0, optional=True)
+        _write(dirs["pids"] / "pids.max", pids_max)
+        _write(dirs["cpu"] / "cpu.cfs_period_us", CPU_PERIOD_US)
+        _write(dirs["cpu"] / "cpu.cfs_quota_us", cpu_quota_us(memory_mb, cores) if quota_now else -1)
+        return SandboxCgroupV1([str(d / "cgroup.procs") for d in dirs.values()], list(dirs.values()))
+
+
+class CgroupsV2(Cgroups):
+    """The unified hierarchy: a sandbox gets one group, with the controllers enabled down the subtree."""
+
+    version = 2
+
+    def __init__(self, parent: Path):
+        self.parent = parent  # the worker's group for its sandboxes
+
+    @classmethod
+    def setup(cls, mount: Path, parent: Path) -> Cgroups:
+        available = (mount / "cgroup.controllers").read_text().split()
+        if not all(c in available for c in CONTROLLERS):
+            return NoCgroups(f"cgroup v2 lacks controllers {set(CONTROLLERS) - set(available)}")
+        reason = _make([parent])
+        if reason:
+            return NoCgroups(reason)
+        try:
+            # a cgroup with processes cannot hand controllers to children: ours must be delegated to us
+            (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
+        except OSError as exc:
+            return NoCgroups(f"cgroup v2 controllers not delegated here ({exc.strerror})")
+        return cls(parent)
+
+    def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
+               quota_now: bool = True) -> SandboxCgroup:
+        d = self.parent / sandbox_id
+        d.mkdir(exist_ok=True)
+        _write(d / "memory.max", memory_mb * 1024 * 1024)
+        _write(d / "memory.swap.max", 0, optional=True)
+        _write(d / "pids.max", pids_max)
+        _write(d / "cpu.max", f"{cpu_quota_us(memory_mb, cores) if quota_now else 'max'} {CPU_PERIOD_US}")
+        return SandboxCgroupV2([str(d / "cgroup.procs")], [d])
+
+
+def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
+                 self_cgroup: Path = Path("/proc/self/cgroup")) -> Cgroups:
+    """The cgroups this host has, with a group `name` made under the worker's own for its sandboxes: v1 when
+    memory, pids and cpu each have their hierarchy, else v2; `NoCgroups` saying why when neither can be used."""
+    try:
+        v1: dict[str, str] = {}  # controller -> our path in its hierarchy
+        v2_path = None
+        for line in self_cgroup.read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) != 3:
+                continue
+            _, controllers, path = parts
+            if controllers == "":
+                v2_path = path
+            for c in controllers.split(","):
+                v1[c] = path
+        if all(c in v1 and (mount / c).is_dir() for c in CONTROLLERS):
+            return CgroupsV1.setup({c: mount / c / v1[c].lstrip("/") / name for c in CONTROLLERS})
+        if v2_path is not None and (mount / "cgroup.controllers").exists():
+            return CgroupsV2.setup(mount, mount / v2_path.lstrip("/") / name)
+    except OSError as exc:
+        return NoCgroups(f"cgroups unreadable: {exc.strerror}")
+    return NoCgroups("no cgroup hierarchy with memory, pids and cpu")
+
+
+def _make(dirs) -> str:
+    """Creates the directories; the reason it could not, or ''."""
+    try:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        return ""
+    except OSError as exc:
+        return f"cannot create cgroups ({exc.strerror})"
+
+
+def _write(path: Path, value: Any, optional: bool = False) -> None:
+    try:
+        path.write_text(str(value))
+    except OSError:
+        if not optional:
+            raise

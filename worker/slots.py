@@ -1,0 +1,169 @@
+"""Prepared slots: sandboxes forked and isolated ahead of need, so a cold start only assigns a function.
+
+A slot is a fork of the zygote (worker/zygote_client.py) in its own cgroups (worker/cgroups.py), namespaces and
+root filesystem, waiting on its channel; `SandboxProcess` (worker/sandbox.py) takes one and gives it a function.
+`SlotPool.discard` is how every slot and sandbox ends: process, cgroups and run directory all go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import shutil
+import signal
+import site
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+
+from worker.cgroups import Cgroups, SandboxCgroup
+from worker.zygote_client import Zygote
+
+log = structlog.get_logger("worker.slots")
+
+SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/etc")
+UID_BASE = 100_000  # sandboxes run as uids UID_BASE.. UID_BASE+UID_SPAN, one per live sandbox
+UID_SPAN = 50_000
+
+
+def runtime_binds() -> list[str]:
+    """The system and this interpreter's install (stdlib, site-packages), bound read-only into every sandbox."""
+    paths = list(SYSTEM_BINDS)
+    for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}:
+        p = os.path.realpath(p)
+        if not any(p == b or p.startswith(b + "/") for b in paths):
+            paths.append(p)
+    return paths
+
+
+@dataclasses.dataclass
+class Slot:
+    """A sandbox prepared ahead of need: cgroups joined, namespaces entered, root filesystem built; waiting on
+    its channel for a function."""
+
+    slot_id: str
+    run_dir: Path
+    network: bool
+    cgroup: SandboxCgroup | None
+    pid: int = 0
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+
+
+class SlotPool:
+    """Keeps `size` slots without network ready, so a cold start only binds code, pivots and drops privileges;
+    a slot with network (rare) is prepared when asked for."""
+
+    _seq = itertools.count()
+
+    def __init__(self, zygote: Zygote, cgroups: Cgroups | None, run_root: Path, *, size: int = 4,
+                 pids_max: int = 64, tmp_mb: int = 64):
+        self.zygote = zygote
+        self.cgroups = cgroups if (cgroups is not None and cgroups.available and zygote.caps.root) else None
+        self.run_root = run_root
+        self.size = size
+        self.pids_max = pids_max
+        self.tmp_mb = tmp_mb
+        self.ready: list[Slot] = []
+        self._wanted = asyncio.Event()
+        self._filler: asyncio.Task | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.zygote.caps.root and self.zygote.caps.namespaces
+
+    def start(self) -> None:
+        self._filler = asyncio.get_running_loop().create_task(self._fill(), name="slot-pool")
+        self._wanted.set()
+
+    async def _fill(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            while len(self.ready) < self.size:
+                try:
+                    self.ready.append(await self.prepare(network=False))
+                except Exception:
+                    log.exception("slot.prepare_failed")
+                    await asyncio.sleep(1.0)
+                    break
+
+    async def take(self, network: bool) -> Slot:
+        while not network and self.ready:
+            slot = self.ready.pop()
+            self._wanted.set()
+            if self.zygote.running(slot.slot_id):
+                return slot
+            await self.discard(slot)  # died while waiting (zygote restart)
+        self._wanted.set()
+        return await self.prepare(network=network)
+
+    async def prepare(self, network: bool) -> Slot:
+        slot_id = f"slot-{os.getpid()}-{next(self._seq)}"
+        run_dir = self.run_root / slot_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cgroup = (self.cgroups.create(slot_id, 128, self.pids_max, self.zygote.cores, quota_now=False)
+                  if self.cgroups else None)
+        slot = Slot(slot_id, run_dir, network, cgroup)
+        log_fd = os.open(run_dir / "log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # RDWR: the runtime reads its tail
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        request = {
+            "id": slot_id,
+            "root_dir": str(run_dir / "root"),
+            "binds": runtime_binds(),
+            "network": network,
+            "uid": UID_BASE + next(self._seq) % UID_SPAN,
+            "tmp_mb": self.tmp_mb,
+            "pids_max": self.pids_max,
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
+        }
+        try:
+            slot.pid = await self.zygote.spawn(request, [theirs.fileno(), log_fd])
+        finally:
+            theirs.close()
+            os.close(log_fd)
+        slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours)
+        return slot
+
+    def kill(self, slot: Slot) -> bool:
+        """SIGKILL the slot's process if it still runs; True if it did. It is pid 1 of its pid namespace, so all
+        inside die with it."""
+        if not (slot.pid and self.zygote.running(slot.slot_id)):
+            return False
+        try:
+            os.kill(slot.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return True
+
+    async def discard(self, slot: Slot) -> None:
+        if slot.writer is not None:
+            slot.writer.close()  # an unassigned slot exits when its channel closes
+        if self.kill(slot):
+            try:
+                await asyncio.wait_for(asyncio.shield(self.zygote.exits[slot.slot_id]), 2.0)
+            except asyncio.TimeoutError:
+                pass
+        self.zygote.forget(slot.slot_id)
+        if slot.cgroup is not None:
+            slot.cgroup.kill_all()
+            await _remove_cgroup(slot.cgroup)
+        shutil.rmtree(slot.run_dir, ignore_errors=True)
+
+    async def close(self) -> None:
+        if self._filler is not None:
+            self._filler.cancel()
+        slots, self.ready = self.ready, []
+        await asyncio.gather(*(self.discard(s) for s in slots), return_exceptions=True)
+
+
+async def _remove_cgroup(cgroup: SandboxCgroup) -> None:
+    for _ in range(50):  # the kernel frees a cgroup once its last task is reaped
+        cgroup.remove()
+        if not any(d.exists() for d in cgroup.dirs):
+            return
+        await asyncio.sleep(0.01)
