@@ -115,10 +115,10 @@ class InvokePlanMachine(RuleBasedStateMachine):
             step = self.plan.next(self.healthy, region_has_nodes=True, now=self.now)
         except ServiceException as err:
             self.over = True
-            if not self.healthy:
-                assert err.reason == Reason.NO_MANAGER
-            elif self.asks >= MAX_STEPS:
+            if self.asks >= MAX_STEPS:  # the bound comes first: an invoke never asks more than MAX_STEPS times
                 assert err.reason == Reason.NO_ROUTE
+            elif not self.healthy:
+                assert err.reason == Reason.NO_MANAGER
             else:
                 assert err.reason == Reason.NO_MANAGER and set(self.healthy.values()) <= skipped_before
             return
