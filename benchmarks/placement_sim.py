@@ -35,7 +35,8 @@ from _common import CORES, parser, print_result  # first: the repository's path
 
 from frontend.state import rendezvous_order
 from manager.state import BUSY, HeldWorkerLease, ManagerState, SandboxRecord
-from placement.state import SYSTEM_RESERVED_MB, PlacementState
+from placement.state import PlacementState
+from wire.config import SYSTEM_RESERVED_MB
 from wire.errors import ServiceException
 
 WORKERS = 1000

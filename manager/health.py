@@ -13,8 +13,20 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Protocol
 
+from wire.errors import PeerUnavailable, Reason, ServiceException
+
 FORGET_UNHEALTHY_AFTER_S = 10.0  # a host unhealthy this long has lost its sandboxes as far as we route
 REPORT_SUCCESSES = 10  # after a failure on a host, report this many successes so its error window can clear
+
+
+# what a host answering "no" says that is not the host's fault: it is full, or the code it was given is bad
+NOT_THE_HOSTS_FAULT = frozenset({Reason.WORKER_FULL, Reason.CODE_CORRUPTED})
+
+
+def counts_against_host(err: ServiceException) -> bool:
+    """Only faults a tenant cannot cause count against a host: it could not be reached, or it failed for a
+    reason of its own. A full host, or code that cannot be used anywhere, is not a sick host."""
+    return isinstance(err, PeerUnavailable) or err.reason not in NOT_THE_HOSTS_FAULT
 
 
 class HostReport(Protocol):

@@ -9,11 +9,17 @@ import time
 
 import structlog
 
-from manager.health import HostHealth
+from manager.health import HostHealth, counts_against_host
 from manager.state import BUSY, IDLE, HeldWorkerLease, ManagerState, SandboxRecord
 from placement.client import NodeView, PlacementClient
 from wire import messages as m
-from wire.errors import FlintError, PeerUnavailable, Reason, ServiceException, error_fields
+from wire.errors import (
+    FlintError,
+    PeerUnavailable,
+    Reason,
+    ServiceException,
+    error_fields,
+)
 from wire.host import Host
 from wire.messages import ReleaseOutcome
 from wire.server import Request
@@ -81,26 +87,25 @@ class ManagerService:
         await self.view.refresh()
         for _ in range(3):
             lease = await self._capacity_for(config, avoid)
-            sandbox_id = f"{lease.node_id}-{os.urandom(6).hex()}"
+            # the sandbox's memory is taken on its lease before anything awaits: concurrent cold starts of a
+            # big function cannot all land on the one lease that has room for one
+            record = SandboxRecord(
+                f"{lease.node_id}-{os.urandom(6).hex()}", key, lease.node_id, lease.az, lease.endpoint, state=BUSY,
+                request_id=msg.request_id, lease_id=lease.lease_id, memory_mb=config.memory_mb,
+            )
+            self.state.add(record, self.host.now())
             began = time.perf_counter()
             try:
-                created = await self.workers.create_sandbox(lease.endpoint, sandbox_id, config, self.endpoint)
-            except PeerUnavailable as err:
-                log.warning("sandbox.create_unreachable", target_node=lease.node_id, **error_fields(err))
-                self._report(lease.node_id, ok=False)
-                avoid.add(lease.node_id)
-                continue
-            except ServiceException as err:
-                if err.reason != Reason.WORKER_FULL:
+                created = await self.workers.create_sandbox(lease.endpoint, record.sandbox_id, config, self.endpoint)
+            except BaseException as err:
+                self.state.remove(record.sandbox_id)
+                if not isinstance(err, ServiceException):
+                    raise  # the function's own fault (its code cannot be unpacked), or we were cancelled
+                if counts_against_host(err):
                     self._report(lease.node_id, ok=False)
                 avoid.add(lease.node_id)
                 log.warning("sandbox.create_failed", target_node=lease.node_id, **error_fields(err))
                 continue
-            record = SandboxRecord(
-                sandbox_id, key, lease.node_id, lease.az, lease.endpoint, state=BUSY, request_id=msg.request_id,
-                lease_id=lease.lease_id, memory_mb=config.memory_mb,
-            )
-            self.state.add(record, self.host.now())
             cold_ms = (time.perf_counter() - began) * 1000
             log.info("sandbox.placed", function=config.name, target_node=lease.node_id, az=lease.az,
                      cold_ms=round(cold_ms, 1))
@@ -167,6 +172,9 @@ class ManagerService:
                 gone = self.state.drop_nodes([record.node_id])
                 self._report(record.node_id, ok=False)
                 log.warning("node.reported_failed", target_node=record.node_id, sandboxes_dropped=len(gone))
+                # a sandbox no longer routed to is destroyed, in case its host is alive after all: it must not
+                # keep running (and holding memory) where nothing will ever use or reap it
+                self._destroy_all(gone, why="host_unreachable")
         return m.Released(released=released)
 
     async def retire_function(self, req: Request) -> m.Retired:
@@ -215,7 +223,7 @@ class ManagerService:
                 log.info("node.restarted", target_node=node_id, sandboxes_dropped=len(gone))
         self.state.drain_nodes(n.node_id for n in self.view.nodes if n.draining)
         if changes.forgotten:
-            self.state.drop_nodes(changes.forgotten)
+            self._destroy_all(self.state.drop_nodes(changes.forgotten), why="host_unhealthy")
         short_azs = await self._sync_leases()
         self._destroy_all(self.state.reap_idle(self.host.now()), why="idle")
         for lease in self.state.leases_to_return(self.host.now(), short_azs):

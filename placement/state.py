@@ -20,10 +20,9 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from wire.config import DEFAULTS
+from wire.config import DEFAULTS, SYSTEM_RESERVED_MB
 from wire.errors import ResourceConflictException, ResourceNotFoundException, ServiceException
 
-SYSTEM_RESERVED_MB = 512  # kept back on every host for the node itself
 SUSPECT_ERRORS, SUSPECT_WINDOW = 3, 10
 SUSPECT_MEMORY_S = 30.0  # a reported error counts this long: a suspect host with nothing on it is tried again
 HOLD_DOWN_MAX_S = 120.0

@@ -23,7 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wire.messages import MEMORY_MB_MAX, MEMORY_MB_MIN, RAFT_GROUPS, ROLES, TIMEOUT_S_MAX
+from wire.messages import (
+    MEMORY_MB_MAX,
+    MEMORY_MB_MIN,
+    RAFT_GROUPS,
+    ROLES,
+    TIMEOUT_S_MAX,
+)
 from wire.transport import endpoint
 
 
@@ -219,6 +225,11 @@ class NodeConfig:
             return 0
 
     @property
+    def sandbox_capacity_mb(self) -> int:
+        """The memory this host's sandboxes may take between them (their cgroup limits added up)."""
+        return max(0, self.memory_mb - SYSTEM_RESERVED_MB)
+
+    @property
     def cores(self) -> int:
         return os.cpu_count() or 1
 
@@ -227,7 +238,8 @@ class ConfigError(Exception):
     pass
 
 
-DEFAULTS = Settings()  # what every state class falls back to: each default is written once, in Settings
+DEFAULTS = Settings()
+SYSTEM_RESERVED_MB = 512  # of a host's memory, kept back for the node itself: sandboxes never get it  # what every state class falls back to: each default is written once, in Settings
 
 
 def _sub(cls: type, raw: Any, where: str) -> Any:

@@ -121,6 +121,12 @@ class CodeStorageExceededException(FlintError):
     type_name = "CodeStorageExceededException"
 
 
+class InvalidZipFileException(FlintError):
+    """The function's code could not be unpacked where it was to run: the function's fault, never the host's."""
+
+    type_name = "InvalidZipFileException"
+
+
 _BY_NAME: dict[str, type[FlintError]] = {
     cls.type_name: cls
     for cls in (
@@ -134,6 +140,7 @@ _BY_NAME: dict[str, type[FlintError]] = {
         AccessDeniedException,
         ResourceNotReadyException,
         CodeStorageExceededException,
+        InvalidZipFileException,
     )
 }
 

@@ -18,7 +18,11 @@ import math
 import re
 from typing import Any, ClassVar, TypeVar
 
-from wire.errors import InvalidParameterValueException, InvalidRequestContentException, RequestTooLargeException
+from wire.errors import (
+    InvalidParameterValueException,
+    InvalidRequestContentException,
+    RequestTooLargeException,
+)
 
 _REQUIRED = dataclasses.MISSING
 M = TypeVar("M", bound="Message")

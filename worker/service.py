@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import structlog
@@ -16,7 +17,13 @@ from placement.client import NodeView, PlacementClient
 from registry.client import RegistryClient
 from registry.package import unpack
 from wire import messages as m
-from wire.errors import FlintError, Reason, ServiceException, error_fields
+from wire.errors import (
+    FlintError,
+    InvalidZipFileException,
+    Reason,
+    ServiceException,
+    error_fields,
+)
 from wire.host import Host
 from wire.ids import now_ms
 from wire.messages import ReleaseOutcome
@@ -26,7 +33,14 @@ from worker import isolation as iso
 from worker.cgroups import host_cgroups
 from worker.sandbox import SandboxProcess
 from worker.slots import SlotPool
-from worker.state import IDLE, CodeCache, OrphanWatch, SandboxEntry, WorkerState, live_managers
+from worker.state import (
+    IDLE,
+    CodeCache,
+    OrphanWatch,
+    SandboxEntry,
+    WorkerState,
+    live_managers,
+)
 from worker.zygote_client import Zygote
 
 log = structlog.get_logger("worker")
@@ -45,6 +59,7 @@ class WorkerService:
         self.run_root = host.config.data_dir / "sandboxes"
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._background = Background("worker")
+        self._unzipped_max_bytes = settings.unzipped_max_mb * 1024 * 1024
         self._seq = itertools.count()
         self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
@@ -94,14 +109,16 @@ class WorkerService:
     async def create_sandbox(self, req: Request) -> m.SandboxCreated:
         msg = req.msg
         config = msg.config
-        if len(self.state.sandboxes) >= self.host.config.settings.max_sandboxes:
-            raise ServiceException(
-                f"worker {self.host.node_id} is at its limit of {self.host.config.settings.max_sandboxes} sandboxes",
-                reason=Reason.WORKER_FULL,
-            )
-        code_dir = await self._code(config.code_sha256)
         entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager, memory_mb=config.memory_mb)
-        self.state.add(entry, self.host.now())
+        # the sandbox's place and memory are taken before anything awaits, so concurrent cold starts cannot
+        # both pass the check: the host's limits hold however many arrive at once
+        self.state.admit(entry, self.host.now(), max_sandboxes=self.host.config.settings.max_sandboxes,
+                         capacity_mb=self.host.config.sandbox_capacity_mb)
+        try:
+            code_dir = await self._code(config.code_sha256)
+        except BaseException:
+            self.state.remove(msg.sandbox_id)
+            raise
         try:
             if not self.zygote.alive:
                 await self._restart_zygote()
@@ -205,7 +222,7 @@ class WorkerService:
 
     def _publish(self) -> None:
         self.host.facts.sandboxes = len(self.state.sandboxes)
-        self.host.facts.sandbox_memory_mb = sum(p.config.memory_mb for p in self.processes.values())
+        self.host.facts.sandbox_memory_mb = self.state.memory_mb()
 
     def _tell_manager(self, entry: SandboxEntry, request_id: str, outcome: ReleaseOutcome) -> None:
         """The manager learns the sandbox is free (or gone) even if the frontend that ran the invoke dies."""
@@ -227,12 +244,22 @@ class WorkerService:
                 return path
             began = time.perf_counter()
             data = await self.registry.get_blob(digest)
-            size = await asyncio.to_thread(unpack, data, path,
-                                           unzipped_max_bytes=self.host.config.settings.unzipped_max_mb * 1024 * 1024)
+            try:
+                size = await asyncio.to_thread(unpack, data, path, unzipped_max_bytes=self._unzipped_max_bytes)
+            except (FlintError, OSError, ValueError, zipfile.BadZipFile) as exc:
+                shutil.rmtree(path, ignore_errors=True)
+                log.warning("code.unpack_failed", code_sha256=digest, **error_fields(exc))
+                raise InvalidZipFileException(
+                    f"Flint could not unpack the function's code package on this host: {_message(exc)}. Upload a "
+                    "new package (update-code).") from None
             for old in self.cache.add(digest, size, self.host.now(), self.state.code_in_use()):
                 shutil.rmtree(self.code_root / old, ignore_errors=True)
             log.info("code.cached", code_sha256=digest, bytes=size, ms=round((time.perf_counter() - began) * 1000, 1))
             return path
+
+
+def _message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, FlintError) else f"{type(exc).__name__}: {exc}"
 
 
 def _du(path: Path) -> int:

@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from wire.config import DEFAULTS
-from wire.errors import ResourceConflictException, ResourceNotFoundException
+from wire.errors import (
+    Reason,
+    ResourceConflictException,
+    ResourceNotFoundException,
+    ServiceException,
+)
 from wire.messages import NodeView, Role, SandboxState
 from wire.transport import node_endpoint
 
@@ -32,6 +37,23 @@ class SandboxEntry:
 class WorkerState:
     def __init__(self) -> None:
         self.sandboxes: dict[str, SandboxEntry] = {}
+
+    def admit(self, entry: SandboxEntry, now: float, *, max_sandboxes: int, capacity_mb: int) -> None:
+        """Take a place and the memory for a new sandbox, or refuse (WorkerFull) when the host's count or the
+        sum of its sandboxes' memory limits would pass what it has."""
+        if len(self.sandboxes) >= max_sandboxes:
+            raise ServiceException(f"this worker is at its limit of {max_sandboxes} sandboxes",
+                                   reason=Reason.WORKER_FULL)
+        used = self.memory_mb()
+        if used + entry.memory_mb > capacity_mb:
+            raise ServiceException(
+                f"this worker's sandboxes hold {used} MB of its {capacity_mb} MB; {entry.memory_mb} MB more "
+                "would pass it", reason=Reason.WORKER_FULL)
+        self.add(entry, now)
+
+    def memory_mb(self) -> int:
+        """The memory limits of every sandbox here (starting ones included), added up."""
+        return sum(e.memory_mb for e in self.sandboxes.values())
 
     def add(self, entry: SandboxEntry, now: float) -> None:
         if entry.sandbox_id in self.sandboxes:

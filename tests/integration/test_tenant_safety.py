@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,11 @@ from flint.client import ClientConfig
 from frontend.client import FrontendClient
 from tests.conftest import start_region
 from wire import messages as m
-from wire.errors import InvalidParameterValueException, InvalidRequestContentException
+from wire.errors import (
+    FlintError,
+    InvalidParameterValueException,
+    InvalidRequestContentException,
+)
 from wire.keys import KeyPair
 
 pytestmark = pytest.mark.slow
@@ -176,3 +182,47 @@ def test_a_package_no_worker_could_unpack_is_refused_at_upload(region, keys, tmp
         with pytest.raises(InvalidParameterValueException, match=complaint):
             c.create_function("badzip", code=make(), handler="handler.handle")
         assert "badzip" not in [f["name"] for f in c.list_functions()]
+
+
+SLEEPY = "import time\n\ndef handle(event, context):\n    time.sleep(1.5)\n    return 'done'\n"
+
+
+def test_a_burst_of_big_invokes_never_overcommits_a_hosts_memory(tmp_path):
+    """Each worker offers 2048 MB to sandboxes; nine concurrent invokes of a 2048 MB function may never put two
+    of its sandboxes on one host, however many cold starts race for the same lease."""
+    region = start_region(tmp_path, settings={"worker_memory_mb": 2048 + 512, "lease_block_mb": 2048,
+                                              "keep_alive_s": 600})
+    try:
+        with Client.from_region(region.root) as c:
+            c.create_function("big", code=code(tmp_path, SLEEPY), handler="handler.handle", memory_mb=2048,
+                              timeout_s=10)
+        peak: dict[str, int] = {}
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                for n in region.nodes():
+                    try:
+                        held = sum(s.memory_mb for s in region.call("worker", m.ListSandboxes(), node=n["node_id"],
+                                                                   timeout_s=1.0).sandboxes)
+                    except FlintError:
+                        continue
+                    peak[n["node_id"]] = max(peak.get(n["node_id"], 0), held)
+
+        def invoke(_: int) -> str:
+            with Client.from_region(region.root, retries=0) as c:
+                try:
+                    return "ok" if c.invoke("big").function_error is None else "function error"
+                except FlintError as err:
+                    return f"{err.type_name}:{err.reason}"
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(9) as pool:
+            outcomes = list(pool.map(invoke, range(9)))
+        done.set()
+        watcher.join()
+        assert outcomes.count("ok") >= 1 and "function error" not in outcomes, outcomes
+        assert peak and max(peak.values()) <= 2048, f"sandbox memory held per host: {peak}"
+    finally:
+        region.down()

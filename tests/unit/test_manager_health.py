@@ -85,3 +85,13 @@ class HostHealthMachine(RuleBasedStateMachine):
 
 TestHostHealth = HostHealthMachine.TestCase
 TestHostHealth.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+def test_only_faults_a_tenant_cannot_cause_count_against_a_host():
+    from manager.health import counts_against_host
+    from wire.errors import PeerUnavailable, Reason, ServiceException
+
+    assert counts_against_host(PeerUnavailable("no answer", reason=Reason.TIMEOUT))
+    assert counts_against_host(ServiceException("could not start a sandbox: fork failed"))
+    assert not counts_against_host(ServiceException("full", reason=Reason.WORKER_FULL))
+    assert not counts_against_host(ServiceException("bad blob", reason=Reason.CODE_CORRUPTED))

@@ -4,8 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.state import SYSTEM_RESERVED_MB, PlacementState
-from wire.errors import ResourceConflictException, ResourceNotFoundException, ServiceException
+from placement.state import PlacementState
+from wire.config import SYSTEM_RESERVED_MB
+from wire.errors import (
+    ResourceConflictException,
+    ResourceNotFoundException,
+    ServiceException,
+)
 
 
 def node(i, az="az1", roles=("worker",), memory_mb=8192 + SYSTEM_RESERVED_MB):

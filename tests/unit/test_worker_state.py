@@ -202,3 +202,18 @@ class OrphanReaping(RuleBasedStateMachine):
 
 OrphanReaping.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
 TestOrphanReaping = OrphanReaping.TestCase
+
+
+def test_a_host_never_takes_more_sandboxes_or_memory_than_it_has():
+    from wire.errors import ServiceException
+
+    s = WorkerState()
+    s.admit(SandboxEntry("a", "k", "c", "m", memory_mb=1024), 0, max_sandboxes=3, capacity_mb=2048)
+    s.admit(SandboxEntry("b", "k", "c", "m", memory_mb=1024), 0, max_sandboxes=3, capacity_mb=2048)
+    with pytest.raises(ServiceException, match="2048 MB") as full:
+        s.admit(SandboxEntry("c", "k", "c", "m", memory_mb=128), 0, max_sandboxes=3, capacity_mb=2048)
+    assert full.value.reason == "WorkerFull" and set(s.sandboxes) == {"a", "b"}
+    s.remove("b")
+    s.admit(SandboxEntry("c", "k", "c", "m", memory_mb=128), 0, max_sandboxes=2, capacity_mb=2048)
+    with pytest.raises(ServiceException, match="limit of 2 sandboxes"):
+        s.admit(SandboxEntry("d", "k", "c", "m", memory_mb=128), 0, max_sandboxes=2, capacity_mb=2048)
