@@ -19,11 +19,16 @@ class NodeProcesses:
         self.files = files
 
     def pid(self, node_id: str) -> int | None:
+        """The node's process, if it runs. A pid file left by a node that died may name another process by now:
+        only a live process whose command line runs this node's config counts, so no stranger is signalled."""
         try:
             pid = int((self.files.node_dir(node_id) / "node.pid").read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if _alive(pid) and _runs(pid, self._config_path(node_id)) else None
+
+    def _config_path(self, node_id: str) -> str:
+        return str(self.files.node_dir(node_id) / "node.toml")
 
     def start_node(self, node_id: str) -> int:
         self.files.node(node_id)
@@ -35,7 +40,7 @@ class NodeProcesses:
         src = str(Path(__file__).resolve().parent.parent)  # nodes run the same code as this command
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flint", "node", "--config", str(data_dir / "node.toml")],
+            [sys.executable, "-m", "flint", "node", "--config", self._config_path(node_id)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -130,6 +135,16 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def _runs(pid: int, config_path: str) -> bool:
+    """Whether process `pid` is a Flint node started with `config_path`."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return "node" in args and config_path in args
 
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:

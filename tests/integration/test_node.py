@@ -149,3 +149,19 @@ def test_node_with_a_bad_config_says_what_is_wrong(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flint", "node", "--config", str(cfg)], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 2 and "unknown role 'chef'" in out.stderr
+
+
+def test_a_stale_pid_file_never_gets_another_process_signalled(tmp_path, base_ip):
+    """A node that died leaves its pid behind; by the time `cluster down` runs, that pid may be someone else's."""
+    from nodes.local import Region
+
+    region = Region.create(tmp_path / "region", nodes=1, azs=1, base_ip=base_ip)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (region.root / "nodes" / "n1" / "node.pid").write_text(str(stranger.pid))
+        assert region.pid("n1") is None  # not a node: its pid file is stale
+        region.down()
+        assert stranger.poll() is None, "cluster down signalled a process that was not the node"
+    finally:
+        stranger.kill()
+        stranger.wait()
