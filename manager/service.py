@@ -18,6 +18,7 @@ from wire.errors import (
     PeerUnavailable,
     Reason,
     ServiceException,
+    TooManyRequestsException,
     error_fields,
 )
 from wire.host import Host
@@ -85,6 +86,7 @@ class ManagerService:
             return _reservation(record, cold=False)
         self._destroy_all(self.state.retire_stale(key), why="configuration_changed")
         await self.view.refresh()
+        full = 0  # hosts that said they had no room: all of them means no capacity, not sick hosts
         for _ in range(3):
             lease = await self._capacity_for(config, avoid)
             # the sandbox's memory is taken on its lease before anything awaits: concurrent cold starts of a
@@ -103,6 +105,7 @@ class ManagerService:
                     raise  # the function's own fault (its code cannot be unpacked), or we were cancelled
                 if counts_against_host(err):
                     self._report(lease.node_id, ok=False)
+                full += err.reason == Reason.WORKER_FULL
                 avoid.add(lease.node_id)
                 log.warning("sandbox.create_failed", target_node=lease.node_id, **error_fields(err))
                 continue
@@ -110,6 +113,8 @@ class ManagerService:
             log.info("sandbox.placed", function=config.name, target_node=lease.node_id, az=lease.az,
                      cold_ms=round(cold_ms, 1))
             return _reservation(record, cold=True, init_ms=created.init_ms)
+        if full == 3:
+            raise no_capacity("every host tried is full")
         raise ServiceException("could not create a sandbox on any healthy worker; retry",
                                reason=Reason.NO_HEALTHY_WORKER)
 
@@ -123,6 +128,8 @@ class ManagerService:
             lease = self.state.place(key, memory, self.host.now(), avoid)
             if lease is not None:
                 return lease
+            if self.state.placement_full(time.monotonic()):  # it just said so: the rest of a burst hears at once
+                raise no_capacity("placement has no free worker capacity")
             settings = self.host.config.settings
             # Where capacity is already leased, placement is asked for a lease in another AZ only briefly: if it
             # cannot answer (its leader is failing over) or has no room, stacking in one AZ beats failing.
@@ -138,12 +145,15 @@ class ManagerService:
                 if fallback is not None:
                     log.info("worker_lease.fallback_to_stacking", function=config.name, **error_fields(err))
                     return fallback
+                if err.reason == Reason.NO_CAPACITY:
+                    self.state.note_placement_full(time.monotonic())
+                    raise no_capacity("placement has no free worker capacity") from None
                 raise
             self._adopt_lease(granted.lease, granted.node)
         # the new lease may be in the same AZ (no capacity elsewhere): then stacking is allowed
         lease = self.state.place(key, memory, self.host.now(), avoid, spread=False)
         if lease is None:
-            raise ServiceException("leased capacity is already taken; retry", reason=Reason.NO_CAPACITY)
+            raise no_capacity("the capacity leased for it was taken by other cold starts")
         return lease
 
     def _adopt_lease(self, lease: m.WorkerLeaseView, node: m.NodeView) -> None:
@@ -160,7 +170,6 @@ class ManagerService:
             if record is not None and self.health.owes_successes(record.node_id):
                 self._report(record.node_id, ok=True)
             if released and record is not None and record.retired:
-                self.state.remove(record.sandbox_id)
                 self._destroy_all([record], why="retired")
         elif msg.outcome == ReleaseOutcome.GONE:
             released = self.state.remove(msg.sandbox_id) is not None
@@ -284,6 +293,13 @@ class ManagerService:
                 adopted += 1
         if adopted:
             log.info("manager.rebuilt", sandboxes=adopted, leases=len(self.state.leases))
+
+
+def no_capacity(detail: str) -> TooManyRequestsException:
+    """The region has no room for another sandbox: a throttle the caller hears at once, not a failure."""
+    return TooManyRequestsException(
+        f"Rate Exceeded. There is no worker capacity for this function now ({detail}). Retry with backoff; if "
+        "this lasts, the operator should add worker hosts.", reason=Reason.NO_CAPACITY)
 
 
 def _reservation(record: SandboxRecord, *, cold: bool, init_ms: float = 0.0) -> m.Reservation:

@@ -18,6 +18,7 @@ DRAIN_MARGIN_S = 60.0  # no new sandbox on a lease this close to its expiry: it 
 IDLE_LEASE_RETURN_S = 300.0  # an empty lease nobody placed on for this long goes back to placement
 SHORT_IDLE_LEASE_RETURN_S = 5.0  # ... or for this long, where placement says its AZ is short of free capacity
 
+PLACEMENT_FULL_S = 1.0  # after placement says it has no room, cold starts hear "no capacity" this long at once
 STARTED_KEEP_S = 960.0  # how long a sync invoke's request id is remembered: past the longest function timeout
 STARTED_MAX = 200_000  # ... and how many (the oldest go first; beyond this a duplicate is no longer caught)
 
@@ -77,6 +78,7 @@ class ManagerState:
         self.idle: dict[str, list[str]] = {}  # function key -> idle sandbox ids, most recently used last
         self.leases: dict[str, HeldWorkerLease] = {}
         self.started: OrderedDict[str, tuple[str, float]] = OrderedDict()  # request id -> (attempt, when)
+        self._placement_full_until = float("-inf")  # monotonic
 
     # --- at most one start per request ----------------------------------------------------------------------------
 
@@ -132,7 +134,8 @@ class ManagerState:
         if record.request_id is not None and record.request_id != request_id:
             return False  # a stale release from an earlier invoke; the sandbox is busy with another
         if record.retired:
-            return True  # the caller sees `retired` and destroys it rather than hand it out again
+            self.remove(sandbox_id)  # the caller sees `retired` and destroys it rather than hand it out again
+            return True
         record.state = IDLE
         record.request_id = None
         record.last_used = now
@@ -216,11 +219,17 @@ class ManagerState:
             self.leases[lease.lease_id] = lease
 
     def drop_lease(self, lease_id: str) -> list[SandboxRecord]:
-        """Placement revoked it (the host went bad): its sandboxes are gone as far as routing goes."""
+        """Placement revoked it (the host went bad): its sandboxes take nothing new. Idle ones are removed and
+        returned, to be destroyed; busy ones finish their invoke first (then go, as retired ones do)."""
         self.leases.pop(lease_id, None)
-        gone = [r for r in self.sandboxes.values() if r.lease_id == lease_id]
-        for record in gone:
-            self.remove(record.sandbox_id)
+        gone = []
+        for record in [r for r in self.sandboxes.values() if r.lease_id == lease_id]:
+            record.retired = True
+            if record.state == IDLE:
+                self.remove(record.sandbox_id)
+                gone.append(record)
+            else:
+                record.lease_id = ""  # it counts on no lease now: the lease is gone
         return gone
 
     def drain_nodes(self, node_ids: Iterable[str]) -> None:
@@ -250,6 +259,16 @@ class ManagerState:
         for lease in out:
             del self.leases[lease.lease_id]
         return out
+
+    # --- capacity ----------------------------------------------------------------------------------------------
+
+    def note_placement_full(self, now: float) -> None:
+        """Placement had no worker capacity to lease: cold starts behind this one hear it at once for a moment,
+        rather than each asking again (each answer is a Raft commit)."""
+        self._placement_full_until = now + PLACEMENT_FULL_S
+
+    def placement_full(self, now: float) -> bool:
+        return now < self._placement_full_until
 
     # --- retiring sandboxes of a changed or deleted function ----------------------------------------------------
 

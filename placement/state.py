@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from wire.config import DEFAULTS, SYSTEM_RESERVED_MB
-from wire.errors import ResourceConflictException, ResourceNotFoundException, ServiceException
+from wire.errors import Reason, ResourceConflictException, ResourceNotFoundException, ServiceException
 
 SUSPECT_ERRORS, SUSPECT_WINDOW = 3, 10
 SUSPECT_MEMORY_S = 30.0  # a reported error counts this long: a suspect host with nothing on it is tried again
@@ -228,7 +228,7 @@ class PlacementState:
         if node is None:
             raise ServiceException(
                 f"no healthy worker has {memory_mb} MB free to lease; add hosts or free capacity",
-                reason="NoCapacity",
+                reason=Reason.NO_CAPACITY,
             )
         lease = WorkerLease(lease_id, node.node_id, manager, memory_mb, now, now + lease_s)
         self.leases[lease_id] = lease

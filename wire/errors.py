@@ -32,6 +32,7 @@ class Reason(enum.StrEnum):
     ADMISSION_EXPIRED = "AdmissionExpired"
     ALREADY_STARTED = "AlreadyStarted"
     SHUTTING_DOWN = "ShuttingDown"  # the node is stopping: the request was refused before anything ran
+    SANDBOX_RECLAIMED = "SandboxReclaimed"  # the platform stopped the sandbox mid-invoke: not the function's error
     # replicated state (ServiceException)
     NOT_A_REPLICA = "NotAReplica"
     NO_QUORUM = "NoQuorum"

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.cgroups import Cgroups  # not at run time: the zygote imports this file outside the package
+    from worker.cgroups import (
+        Cgroups,  # not at run time: the zygote imports this file outside the package
+    )
 
 # --- constants from the kernel headers -----------------------------------------------------------------------------
 

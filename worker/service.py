@@ -34,6 +34,7 @@ from worker.cgroups import host_cgroups
 from worker.sandbox import SandboxProcess
 from worker.slots import SlotPool
 from worker.state import (
+    BUSY,
     IDLE,
     CodeCache,
     OrphanWatch,
@@ -159,6 +160,12 @@ class WorkerService:
         outcome = await proc.invoke(msg.request_id, msg.payload or b"", msg.log_tail, max_s)
         if self._journal is not None:
             self._journal.write(f"E {time.monotonic():.6f} {msg.request_id}\n")
+        if entry.reclaimed:  # the platform took the sandbox away mid-invoke: a platform error, not the function's
+            self._tell_manager(entry, msg.request_id, ReleaseOutcome.GONE)
+            raise ServiceException(
+                "the platform stopped the sandbox running this invoke (its host's capacity was taken back); the "
+                "function did not fail, but may have run in part. Invoke again if that is safe.",
+                reason=Reason.SANDBOX_RECLAIMED, retryable=True, may_still_run=True)
         if outcome.alive and proc.alive:
             self.state.end(msg.sandbox_id, self.host.now())
             self._tell_manager(entry, msg.request_id, ReleaseOutcome.OK)
@@ -171,7 +178,14 @@ class WorkerService:
                            payload=outcome.payload)
 
     async def destroy_sandbox(self, req: Request) -> m.Destroyed:
+        self._reclaim(req.msg.sandbox_id)
         return m.Destroyed(destroyed=await self._discard(req.msg.sandbox_id))
+
+    def _reclaim(self, sandbox_id: str) -> None:
+        """The platform is destroying a sandbox: an invoke running in it ends as the platform's error."""
+        entry = self.state.sandboxes.get(sandbox_id)
+        if entry is not None and entry.state == BUSY:
+            entry.reclaimed = True
 
     async def list_sandboxes(self, req: Request) -> m.Sandboxes:
         return m.Sandboxes(sandboxes=tuple(m.SandboxView.from_fields(v) for v in self.state.view()),
@@ -199,6 +213,7 @@ class WorkerService:
         """The zygote died (its sandboxes died with it): forget them and start a new one."""
         log.error("zygote.restarting", sandboxes_lost=len(self.processes))
         for sandbox_id in list(self.processes):
+            self._reclaim(sandbox_id)
             await self._discard(sandbox_id)
         await self.pool.close()
         self.zygote.close()

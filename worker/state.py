@@ -32,6 +32,7 @@ class SandboxEntry:
     created: float = 0.0
     last_used: float = 0.0
     memory_mb: int = 128
+    reclaimed: bool = False  # the platform destroyed it while it ran an invoke (not the function's doing)
 
 
 class WorkerState:

@@ -25,10 +25,9 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import msgpack  # noqa: E402
-
 import bootstrap  # noqa: E402  (the Python runtime, imported once here so every fork has it)
 import isolation as iso  # noqa: E402
+import msgpack  # noqa: E402
 
 sys.path.remove(HERE)
 iso.seccomp_filter()  # load pyseccomp and libseccomp now, so no fork has to

@@ -162,3 +162,14 @@ def test_a_request_id_is_started_by_one_attempt_only_until_it_is_known_not_to_ha
     assert s.claim("r1", "a2", 0.4)
     assert s.claim("r2", "b1", 0.5) and s.claim("r3", "c1", 2000.0)  # long after, r1 and r2 are forgotten
     assert set(s.started) == {"r3"}
+
+
+def test_a_revoked_lease_lets_its_busy_sandboxes_finish_then_retires_them():
+    s = ManagerState()
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add(sandbox("idle", node="n1", lease_id="L1"), 0)
+    s.add(sandbox("busy", node="n1", lease_id="L1"), 0)
+    assert s.reserve("f", "r1", 1).sandbox_id == "busy"
+    assert [r.sandbox_id for r in s.drop_lease("L1")] == ["idle"]  # destroyed now
+    assert s.sandboxes["busy"].retired and s.reserve("f", "r2", 2) is None  # it serves nothing new ...
+    assert s.release("busy", "r1", 3) and "busy" not in s.sandboxes  # ... and goes when its invoke ends
