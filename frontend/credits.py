@@ -192,6 +192,14 @@ class CreditWallet:
             if t == tenant:
                 lease.target = 0
 
+    def close_all(self) -> list[LeaseRequest]:
+        """The frontend is stopping: no admission from here on; the releases to send for every lease with nothing
+        running under it (one still running something goes back when that ends, or expires)."""
+        for lease in list(self.active.values()):
+            self._close(lease)
+        out, self.outbox = self.outbox, []
+        return out
+
     # --- internals -----------------------------------------------------------------------------------------------
 
     def _close(self, lease: HeldCreditLease) -> None:

@@ -59,6 +59,7 @@ class FrontendService:
 
     async def run(self) -> None:
         self.host.auth.key_lookup = self.keys.lookup
+        self.host.on_stop("frontend", self.admission.hand_back)
         handlers = self.control.handlers()
         handlers[m.Invoke] = self.keys.only(Role.TENANT)(self.invoker.invoke)
         server = self.host.server(

@@ -54,6 +54,7 @@ class ManagerService:
         )
         await self.view.refresh(force=True)
         await self._rebuild()
+        self.host.on_stop("manager", self.hand_back)
         self._background.spawn(self._housekeeping(), name="manager-housekeeping")
         try:
             await server.serve()
@@ -190,6 +191,13 @@ class ManagerService:
         idle = self.state.retire_function(req.msg.tenant, req.msg.name)
         self._destroy_all(idle, why="function_deleted")
         return m.Retired(retired=len(idle))
+
+    async def hand_back(self) -> None:
+        """On a graceful stop: idle sandboxes destroyed, and the worker leases nothing runs on given back to
+        placement, so their capacity serves other managers at once."""
+        idle, leases = self.state.hand_back()
+        await asyncio.gather(*(self._destroy(r, why="manager_stopping") for r in idle),
+                             *(self._return(lease) for lease in leases))
 
     def _destroy_all(self, records: list[SandboxRecord], why: str) -> None:
         for record in records:

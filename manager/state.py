@@ -294,6 +294,18 @@ class ManagerState:
             self.remove(record.sandbox_id)
         return idle
 
+    def hand_back(self) -> tuple[list[SandboxRecord], list[HeldWorkerLease]]:
+        """The manager is stopping: every idle sandbox goes (to be destroyed), and every lease with nothing
+        running on it goes back to placement; a lease still running an invoke is kept to its end or expiry."""
+        idle = [r for r in self.sandboxes.values() if r.state == IDLE]
+        for record in idle:
+            self.remove(record.sandbox_id)
+        leases = [lease for lease in self.leases.values() if lease.used_mb == 0]
+        for lease in leases:
+            lease.return_why = "stopping"
+            del self.leases[lease.lease_id]
+        return idle, leases
+
     # --- failures and reaping ------------------------------------------------------------------------------------
 
     def drop_nodes(self, node_ids: Iterable[str]) -> list[SandboxRecord]:

@@ -34,6 +34,7 @@ from wire.server import Request
 log = structlog.get_logger("node")
 
 EXIT_ROLE_FAILED = 3
+HAND_BACK_S = 3.0  # after the drain: credit and worker leases go back to their owners within this
 
 
 class InjectedCrash(Exception):
@@ -92,6 +93,7 @@ class Node:
             grace_s = c.settings.shutdown_grace_s
             unfinished = await host.drain(grace_s)
             log.info("node.drained", grace_s=grace_s, unfinished=unfinished)
+            await host.hand_back(HAND_BACK_S)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -7,20 +7,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 import zmq.asyncio
 
 from wire.client import ClientPool, Failover
 from wire.config import NodeConfig
-from wire.errors import PeerUnavailable
+from wire.errors import PeerUnavailable, error_fields
 from wire.keys import KeyPair
 from wire.principal import Caller
 from wire.raft import RaftGroup
 from wire.schema import Message
 from wire.server import Handler, Request, Server, cluster_only
 from wire.zap import Authenticator
+
+log = structlog.get_logger("wire.host")
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ class Host:
         self.groups: dict[str, RaftGroup] = {}
         self.facts = HostFacts()
         self.servers: dict[str, Server] = {}  # the latest server of each service this node runs
+        self._on_stop: dict[str, Callable[[], Awaitable[None]]] = {}
         self._failovers: dict[str, Failover] = {}
 
     @property
@@ -104,6 +108,24 @@ class Host:
         )
         self.servers[service] = server
         return server
+
+    def on_stop(self, role: str, hand_back: Callable[[], Awaitable[None]]) -> None:
+        """What `role` gives back when its node stops gracefully, after the drain (its latest run's)."""
+        self._on_stop[role] = hand_back
+
+    async def hand_back(self, timeout_s: float) -> None:
+        """Run every role's hand-back, together, within `timeout_s`; what fails or is late is logged, the stop
+        goes on (what is not handed back expires)."""
+        names = list(self._on_stop)
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._on_stop[n]() for n in names), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("node.hand_back_late", roles=names, timeout_s=timeout_s)
+            return
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException):
+                log.warning("node.hand_back_failed", role=name, **error_fields(result))
 
     async def drain(self, grace_s: float) -> int:
         """A graceful stop: every service refuses new requests and those in hand get up to `grace_s` to finish

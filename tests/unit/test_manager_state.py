@@ -173,3 +173,15 @@ def test_a_revoked_lease_lets_its_busy_sandboxes_finish_then_retires_them():
     assert [r.sandbox_id for r in s.drop_lease("L1")] == ["idle"]  # destroyed now
     assert s.sandboxes["busy"].retired and s.reserve("f", "r2", 2) is None  # it serves nothing new ...
     assert s.release("busy", "r1", 3) and "busy" not in s.sandboxes  # ... and goes when its invoke ends
+
+
+def test_a_stopping_manager_gives_back_its_idle_sandboxes_and_the_leases_nothing_runs_on():
+    s = ManagerState()
+    s.add_lease(lease("L1", "n1", "az1"), 0)
+    s.add_lease(lease("L2", "n2", "az2"), 0)
+    s.add(sandbox("idle", node="n1", lease_id="L1"), 0)
+    s.add(sandbox("busy", node="n2", az="az2", lease_id="L2"), 0)
+    assert s.reserve("f", "r1", 1, avoid={"n1"}).sandbox_id == "busy"
+    idle, leases = s.hand_back()
+    assert [r.sandbox_id for r in idle] == ["idle"] and [lease.lease_id for lease in leases] == ["L1"]
+    assert list(s.leases) == ["L2"] and list(s.sandboxes) == ["busy"]  # what runs keeps its lease to the end
