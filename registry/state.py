@@ -1,7 +1,8 @@
 """Function metadata, versions, aliases and tenants, replicated in the `control` Raft group. No I/O.
 
 Code is not here: it is a content-addressed blob (sha256) kept by the control nodes' blob stores; a function
-record names its blob. The async event queue shares the group (`ControlState` at the bottom).
+record names its blob. The async event queue shares the group (`ControlState` at the bottom), and so do the limits
+its rules use (`ControlState.cmd_set_limits`).
 
 Every rule about what a function's configuration may be lives here (`check_config`), and every command that
 makes or changes a configuration goes through it, whoever proposes it.
@@ -10,11 +11,14 @@ makes or changes a configuration goes through it, whoever proposes it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from registry.events import EventQueue
+from registry.events import EventLimits, EventQueue
+from wire.config import Settings
 from wire.errors import (
+    FlintError,
     InvalidParameterValueException,
     ResourceConflictException,
     ResourceNotFoundException,
@@ -250,19 +254,42 @@ RegistryState.COMMANDS = {
 }
 
 
-class ControlState(RegistryState):
-    """The `control` group's state: the registry, and the async event queue beside it."""
+def limits_of(settings: Settings) -> dict[str, Any]:
+    """The limits of ControlState's rules that a node's settings ask for (what `cmd_set_limits` takes)."""
+    return {"events": dataclasses.asdict(EventLimits.of(settings))}
 
-    def __init__(self, retry_backoff_s: float) -> None:
+
+class ControlState(RegistryState):
+    """The `control` group's state: the registry, and the async event queue beside it.
+
+    The limits its rules use (quotas, retention, the retry backoff) are part of the replicated state: every
+    replica starts from the defaults and the leader commits its node's settings when they differ
+    (`cmd_set_limits`), so replicas never decide with different numbers, even if nodes' settings differ."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.events = EventQueue(retry_backoff_s=retry_backoff_s)
+        self.events = EventQueue()
+
+    def limits(self) -> dict[str, Any]:
+        return {"events": dataclasses.asdict(self.events.limits)}
+
+    def cmd_set_limits(self, now: float, events: dict[str, Any]) -> dict[str, Any]:
+        self.events.limits = EventLimits(**events)
+        return self.limits()
 
     def cmd_events_put(self, now: float, **kw: Any) -> dict[str, Any]:
         return self.events.put(now, **kw)
 
     def cmd_events_put_many(self, now: float, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Several accepts in one commit (group commit at the leader); each is idempotent on its event id."""
-        return [self.events.put(now, **item) for item in items]
+        """Several accepts in one commit (group commit at the leader); each is idempotent on its event id, and
+        each is refused on its own ({"error": ...} in its place), so one tenant at its quota fails no other's."""
+        out: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                out.append({"event": self.events.put(now, **item)})
+            except FlintError as err:
+                out.append({"error": err.to_wire()})
+        return out
 
     def cmd_events_take(self, now: float, **kw: Any) -> list[dict[str, Any]]:
         return self.events.take(now, **kw)
@@ -273,12 +300,17 @@ class ControlState(RegistryState):
     def cmd_events_redrive(self, now: float, **kw: Any) -> int:
         return self.events.redrive(now, **kw)
 
+    def cmd_events_expire(self, now: float) -> int:
+        return self.events.expire(now)
+
 
 ControlState.COMMANDS = {
     **RegistryState.COMMANDS,
+    "set_limits": ControlState.cmd_set_limits,
     "events_put": ControlState.cmd_events_put,
     "events_put_many": ControlState.cmd_events_put_many,
     "events_take": ControlState.cmd_events_take,
     "events_settle": ControlState.cmd_events_settle,
     "events_redrive": ControlState.cmd_events_redrive,
+    "events_expire": ControlState.cmd_events_expire,
 }
