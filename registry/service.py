@@ -5,7 +5,8 @@ Every change is a typed message (wire.messages) that maps to one replicated comm
 `COMMANDS` table below: which command, and how its result becomes the typed reply).
 
 On its own, on a timer (`_upkeep`): the group's leader commits its node's limits when the replicated ones differ
-and expires finished events when some are due.
+and expires finished events when some are due; every control node removes the code blobs no function version
+names any more, once their grace has passed.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class RegistryService:
         self.host = host
         self.group = group
         self.blobs = BlobStore(host.config.data_dir / "blobs")
+        self.blob_grace_s = host.config.settings.code_blob_grace_s
         self._batch: list[tuple[dict, asyncio.Future]] = []
         self._background = Background("registry")
 
@@ -99,6 +101,7 @@ class RegistryService:
             m.RegistryListAliases: at_leader(self.list_aliases),
             m.RegistryListTenants: at_leader(self.list_tenants),
             m.RegistryPrincipals: at_leader(self.principals),  # ZAP's key map: a revocation counts at once
+            m.RegistryCheckCode: at_leader(self.check_code),
             m.EventsPut: at_leader(self.put_event),
             m.EventsTake: at_leader(self.take_events),
             m.EventsList: at_leader(self.list_events),  # a tenant's reads show an event's latest state at once
@@ -109,6 +112,7 @@ class RegistryService:
         })
         server = self.host.server("registry", handlers)
         self._background.spawn(self._upkeep(), name="registry-upkeep")
+        self._background.spawn(self._collect_blobs(), name="blob-collector")
         try:
             await server.serve()
         finally:
@@ -181,6 +185,12 @@ class RegistryService:
         with self._queue() as queue:
             taken = [{**v, "payload": queue.payload(v["event_id"])} for v in views]
         return m.TakenEvents(events=_events([v for v in taken if v["payload"] is not None]))  # None: done meanwhile
+
+    async def check_code(self, req: Request) -> m.Empty:
+        msg = req.msg
+        with self.group.machine.read() as state:
+            state.check_code(msg.tenant, msg.name, msg.code_sha256, msg.code_size, msg.create)
+        return m.Empty()
 
     # --- reads -----------------------------------------------------------------------------------------------
 
@@ -259,6 +269,22 @@ class RegistryService:
                     await self.group.submit("events_expire", {}, request_id=new_request_id(), timeout_s=2.0)
             except FlintError as err:  # the next round tries again
                 log.warning("registry.upkeep_failed", **error_fields(err))
+
+    async def _collect_blobs(self) -> None:
+        """On every control node: remove the blobs here that no function version names, past their grace. Only
+        while this replica has caught up with its leader: a replica still replaying its log would not know of
+        versions made since its last dump."""
+        interval = min(60.0, max(0.5, self.blob_grace_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            if not (self.group.has_leader and self.group.status().ready):
+                continue
+            stored = await asyncio.to_thread(self.blobs.stored)
+            with self.group.machine.read() as state:
+                doomed = state.code.collectable(stored, self.host.now(), self.blob_grace_s)
+            for digest in doomed:
+                if await asyncio.to_thread(self.blobs.remove, digest, stored[digest]):
+                    log.info("code.collected", code_sha256=digest)
 
     # --- code blobs ------------------------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class Settings:
         return self
 
 
+CODE_BLOB_GRACE_S_MAX = 24 * 3600.0  # the longest code_blob_grace_s: the registry forgets releases after this
 SKEW_MARGIN_S = 0.25  # a frontend stops admitting on a credit lease this long before the ledger's expiry
 # (low, high or None) of every numeric setting
 _BOUNDS: dict[str, tuple[float, float | None]] = {
@@ -112,7 +113,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
     "tenant_event_queue_mb": (1, 1_000_000), "tenant_dlq_mb": (1, 1_000_000),
     "event_done_retention_s": (1, 7 * 24 * 3600), "event_dlq_retention_s": (1, 14 * 24 * 3600),
-    "tenant_code_storage_mb": (1, 75 * 1024), "code_blob_grace_s": (1, 24 * 3600),
+    "tenant_code_storage_mb": (1, 75 * 1024), "code_blob_grace_s": (1, CODE_BLOB_GRACE_S_MAX),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

@@ -693,6 +693,18 @@ class GetBlob(Message):
     local_only: bool = flag(default=False)  # set by a control node asking a peer, so no request goes round
 
 
+@message("registry.check_code", reply=Empty)
+class RegistryCheckCode(Message):
+    """Would the registry take this package for a create (or a code update) of `name`? Asked before uploading it,
+    so a package past the tenant's code storage quota is never stored."""
+
+    tenant: str = name_text()
+    name: str = name_text()
+    code_sha256: str = text(64)
+    code_size: int = integer(0, ZIP_MAX_BYTES)
+    create: bool = flag(default=True)
+
+
 # --- registry: the async event queue -----------------------------------------------------------------------------
 
 

@@ -1,10 +1,12 @@
 """Quotas and retention of control-plane state, on a real region with small settings: a tenant's queue of async
-events and its dead-letter queue are bounded (and one tenant at its quota never blocks another), finished
-events go after their retention, and a control node's replicated state stays small after many large events."""
+events, its dead-letter queue and its code storage are bounded (and one tenant at its quota never blocks
+another), finished events go after their retention, a control node's replicated state stays small after many
+large events, and code no function version names any more leaves every control node."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -18,7 +20,7 @@ import pytest
 from flint import Client
 from tests.conftest import start_region
 from tests.support.wait import wait_until
-from wire.errors import ResourceNotFoundException, TooManyRequestsException
+from wire.errors import CodeStorageExceededException, ResourceNotFoundException, TooManyRequestsException
 from wire.keys import KeyPair
 
 pytestmark = pytest.mark.slow
@@ -95,6 +97,16 @@ def forgotten(client: Client, event_id: str) -> bool:
     except ResourceNotFoundException:
         return True
     return False
+
+
+def blob_files(region, digest: str) -> dict[str, bool]:
+    """On each control node: whether its blob store holds the code blob `digest`."""
+    out = {}
+    for n in region.nodes():
+        config = region.config(n["node_id"])
+        if "control" in config.roles:
+            out[n["node_id"]] = (config.data_dir / "blobs" / digest[:2] / digest).exists()
+    return out
 
 
 def control_dumps(region) -> dict[str, os.stat_result | None]:
@@ -189,3 +201,55 @@ def test_a_control_nodes_replicated_state_stays_small_after_many_large_events(re
     report(f"control state dumps after 300 events of 200 KB: {sizes_mb} MB; node RSS {before} -> "
            f"{rss_mb(region)} MB")
     assert all(size < 5 for size in sizes_mb.values()), f"the replicated state holds payloads: {sizes_mb} MB"
+
+
+def test_code_no_function_version_names_leaves_every_control_node(region, tenants):
+    t = tenants("coder")
+    one, two, three = (package(ECHO % marker) for marker in ("one", "two", "three"))
+    sha = {code: hashlib.sha256(code).hexdigest() for code in (one, two, three)}
+    t.create_function("gc", code=one, handler="handler.handle")
+    assert t.invoke("gc", {}).json()["marker"] == "one"  # a worker has it cached now
+    assert all(blob_files(region, sha[one]).values())
+    t.publish_version("gc")  # version 1 keeps code one
+    t.update_function_code("gc", code=two)
+    t.create_function("replaced", code=three, handler="handler.handle")
+    t.update_function_code("replaced", code=two)  # nothing names code three any more
+    wait_until(lambda: blob_files(region, sha[three]), 20, until=lambda f: not any(f.values()), interval_s=0.2,
+               what="replaced code to leave every control node")
+    assert all(blob_files(region, sha[one]).values()), "code a published version names was removed"
+    t.delete_function("gc")
+    assert all(blob_files(region, sha[two]).values()), "code another function still names was removed"
+    wait_until(lambda: blob_files(region, sha[one]), 20, until=lambda f: not any(f.values()), interval_s=0.2,
+               what="a deleted function's code to leave every control node")
+    t.delete_function("replaced")
+    wait_until(lambda: blob_files(region, sha[two]), 20, until=lambda f: not any(f.values()), interval_s=0.2,
+               what="the last function's code to leave every control node")
+    # nothing breaks when a blob is gone: the same code again is stored again and runs (a worker may still
+    # have it unpacked, or fetches it anew)
+    t.create_function("gc", code=one, handler="handler.handle")
+    assert t.invoke("gc", {}).json()["marker"] == "one"
+    time.sleep(2 * SETTINGS["code_blob_grace_s"])
+    assert all(blob_files(region, sha[one]).values()), "code of a function made again was removed"
+
+
+def test_code_storage_past_the_quota_is_refused_before_it_is_stored(region, tenants):
+    big, other = tenants("big_coder"), tenants("other_coder")
+    a, b, c = (package(ECHO % marker, padding=600 * 1024) for marker in "abc")  # 600 KB each, quota 1 MB
+    big.create_function("a", code=a, handler="handler.handle")
+    with pytest.raises(CodeStorageExceededException) as refused:
+        big.create_function("c", code=c, handler="handler.handle")
+    assert "MB" in refused.value.message and "delete" in refused.value.message.lower()
+    assert not any(blob_files(region, hashlib.sha256(c).hexdigest()).values()), "refused code was stored"
+    assert "c" not in [f["name"] for f in big.list_functions()]
+    other.create_function("b", code=b, handler="handler.handle")  # another tenant's storage is its own
+    big.create_function("a2", code=a, handler="handler.handle")  # the same package again costs nothing more
+    big.publish_version("a")  # nor does a version of it
+    with pytest.raises(CodeStorageExceededException):
+        big.update_function_code("a", code=b)  # version 1 and a2 keep package a: b would be more
+    big.delete_function("a")
+    big.update_function_code("a2", code=b)  # replacing a2's code frees package a: room for b
+    with pytest.raises(CodeStorageExceededException):
+        big.create_function("c", code=c, handler="handler.handle")
+    big.delete_function("a2")
+    big.create_function("c", code=c, handler="handler.handle")
+    assert big.invoke("c", {}).json()["marker"] == "c"

@@ -152,8 +152,8 @@ def test_a_redrive_takes_what_the_quota_has_room_for_and_refuses_when_none():
 
 def test_a_batch_of_accepts_refuses_each_on_its_own_and_limits_are_replicated():
     state = ControlState()
-    state.cmd_set_limits(0, events={**LIMITS.__dict__, "queued_bytes": 10 * KB})
-    assert state.limits()["events"]["queued_bytes"] == 10 * KB
+    state.cmd_set_limits(0, events={**LIMITS.__dict__, "queued_bytes": 10 * KB}, code_storage_bytes=KB)
+    assert state.limits()["events"]["queued_bytes"] == 10 * KB and state.code.quota_bytes == KB
     item = {"tenant": "a", "function": "f", "payload": b"x" * 8 * KB}
     out = state.cmd_events_put_many(0, [{**item, "event_id": "a1"}, {**item, "event_id": "a2"},
                                         {**item, "event_id": "b1", "tenant": "b"}])
