@@ -12,7 +12,6 @@ import json
 import os
 import time
 import zipfile
-from pathlib import Path
 
 import psutil
 import pytest
