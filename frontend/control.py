@@ -93,16 +93,19 @@ class ControlPlane:
 
     # --- function lifecycle ----------------------------------------------------------------------------------
 
-    async def _code(self, code: bytes | None) -> tuple[str, int]:
+    async def _code(self, tenant: str, name: str, code: bytes | None, *, create: bool) -> tuple[str, int]:
+        """Check a package (its zip, then with the registry: the name, the tenant's code storage quota), and only
+        then upload it to the control nodes."""
         if not code:
             raise InvalidParameterValueException("no code: send the zip as the request's payload frame")
         await asyncio.to_thread(validate_zip, code, unzipped_max_bytes=self.unzipped_max_bytes)
+        await self.registry.check_code(tenant, name, code, create=create)
         await self.registry.put_blob(code)
         return sha256(code), len(code)
 
     async def create_function(self, req: Request) -> m.FunctionReply:
         msg = req.msg
-        digest, size = await self._code(msg.code)
+        digest, size = await self._code(req.tenant, msg.name, msg.code, create=True)
         config = m.FunctionConfig(
             tenant=req.tenant, name=msg.name, handler=msg.handler, runtime=msg.runtime, memory_mb=msg.memory_mb,
             timeout_s=msg.timeout_s, environment=msg.environment, code_sha256=digest, code_size=size,
@@ -111,8 +114,7 @@ class ControlPlane:
         return await self._changed(req, m.RegistryCreateFunction(config=config), msg.name)
 
     async def update_code(self, req: Request) -> m.FunctionReply:
-        await self.registry.get_function(req.tenant, req.msg.name)  # missing or not theirs: not found
-        digest, size = await self._code(req.msg.code)
+        digest, size = await self._code(req.tenant, req.msg.name, req.msg.code, create=False)  # not theirs: not found
         change = m.RegistryUpdateCode(tenant=req.tenant, name=req.msg.name, code_sha256=digest, code_size=size)
         return await self._changed(req, change, req.msg.name)
 

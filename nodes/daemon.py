@@ -139,7 +139,7 @@ class Node:
         from registry.state import ControlState
 
         states = {
-            "control": lambda: ControlState(retry_backoff_s=c.settings.event_retry_backoff_s),
+            "control": ControlState,  # its limits (backoff, quotas, retention) come from the leader's settings
             "counting": lambda: Ledger(
                 default_limit=c.settings.default_tenant_limit,
                 unreserved_min=c.settings.unreserved_min,

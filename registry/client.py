@@ -52,6 +52,13 @@ class RegistryClient:
     async def principals(self) -> dict[str, str]:
         return (await self.fo.call(m.RegistryPrincipals(), timeout_s=READ_TIMEOUT_S)).principals
 
+    async def check_code(self, tenant: str, name: str, data: bytes, *, create: bool) -> None:
+        """Raises what a create (or code update) of `name` with this package would be refused for (the name, the
+        tenant's code storage quota): asked before uploading it."""
+        msg = m.RegistryCheckCode(tenant=tenant, name=name, code_sha256=sha256(data), code_size=len(data),
+                                  create=create)
+        await self.fo.call(msg, timeout_s=READ_TIMEOUT_S)
+
     async def put_blob(self, data: bytes) -> str:
         digest = sha256(data)
         await self.fo.call(m.PutBlob(sha256=digest, data=data), timeout_s=BLOB_TIMEOUT_S)

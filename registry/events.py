@@ -9,6 +9,15 @@ visible again when the timeout passes and is delivered again. A function error u
 retries (0 to 2, default 2) and the next try waits a backoff; a throttle or a system error waits and tries
 again without using a retry. An event that runs out of retries, or is older than its maximum age (default 6 h),
 goes to the tenant's dead-letter queue with its last error, from where it can be redriven.
+
+What the queue keeps is bounded per tenant (`EventLimits`), so one tenant at its quota never blocks another:
+- events not yet run (queued or in flight) take at most `queued_bytes`, each counting its payload and
+  EVENT_RECORD_BYTES for its record; an accept or a redrive past it is refused with TooManyRequestsException
+  (EventQueueLimitExceeded);
+- dead letters take at most `dlq_bytes`: a new one past it pushes the tenant's oldest out (`dlq_dropped`);
+- a finished event's payload goes at once (a take's result never carries one either: the registry service
+  reads payloads from its replica, so the results the group remembers stay small); its record goes after
+  `done_retention_s`, and a dead letter (kept whole, for a redrive) after `dlq_retention_s` (`expire`).
 """
 
 from __future__ import annotations
@@ -18,11 +27,31 @@ import heapq
 from collections import deque
 from typing import Any
 
-from wire.messages import EVENT_AGE_S_MAX, RETRIES_MAX, EventState, SettleOutcome
+from wire.config import DEFAULTS, Settings
+from wire.errors import Reason, TooManyRequestsException
+from wire.messages import EVENT_AGE_S_MAX, RETRIES_MAX, EventState, MiB, SettleOutcome
 
 QUEUED, INFLIGHT, DONE, DLQ = EventState.QUEUED, EventState.INFLIGHT, EventState.DONE, EventState.DLQ
-DONE_RETENTION_S = 3600.0  # finished events stay listable this long
-MAX_EVENTS = 500_000
+EVENT_RECORD_BYTES = 1024  # what an event's record costs beside its payload; counted against the quotas
+MAX_EVENTS = 500_000  # while the queue holds more than half of this, done events go before their retention
+
+
+@dataclasses.dataclass(frozen=True)
+class EventLimits:
+    """What the queue keeps of each tenant and for how long. The control leader replicates its settings
+    (ControlState.cmd_set_limits), so every replica decides with the same numbers."""
+
+    queued_bytes: int = DEFAULTS.tenant_event_queue_mb * MiB
+    dlq_bytes: int = DEFAULTS.tenant_dlq_mb * MiB
+    done_retention_s: float = DEFAULTS.event_done_retention_s
+    dlq_retention_s: float = DEFAULTS.event_dlq_retention_s
+    retry_backoff_s: float = DEFAULTS.event_retry_backoff_s
+
+    @classmethod
+    def of(cls, s: Settings) -> EventLimits:
+        return cls(queued_bytes=s.tenant_event_queue_mb * MiB, dlq_bytes=s.tenant_dlq_mb * MiB,
+                   done_retention_s=s.event_done_retention_s, dlq_retention_s=s.event_dlq_retention_s,
+                   retry_backoff_s=s.event_retry_backoff_s)
 
 
 @dataclasses.dataclass
@@ -42,43 +71,52 @@ class Event:
     deliveries: int = 0  # times a poller took it
     last_error: dict[str, Any] | None = None
     settled_at: float | None = None
+    payload_bytes: int = 0  # as accepted (the payload itself goes when the event is done)
 
-    def view(self, payload: bool = False) -> dict[str, Any]:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "payload"}
-        if payload:
-            out["payload"] = self.payload
-        out["payload_bytes"] = len(self.payload)
-        return out
+    @property
+    def cost(self) -> int:
+        return self.payload_bytes + EVENT_RECORD_BYTES
+
+    def view(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "payload"}
 
 
 class EventQueue:
-    def __init__(self, retry_backoff_s: float, throttle_backoff_s: float = 0.2):
-        self.retry_backoff_s = retry_backoff_s
+    def __init__(self, limits: EventLimits = EventLimits(), throttle_backoff_s: float = 0.2):
+        self.limits = limits
         self.throttle_backoff_s = throttle_backoff_s
         self.events: dict[str, Event] = {}
         self._ready: list[tuple[float, int, str]] = []  # (visible_at, seq, event id); stale entries skipped
         self._seq = 0
         self._finished: deque[tuple[float, str]] = deque()  # (settled_at, event id) of done events, in order
+        # per tenant: what its events not yet run and its dead letters take, and its dead letters oldest first
+        self.queued_bytes: dict[str, int] = {}
+        self.dlq_bytes: dict[str, int] = {}
+        self.dlq_dropped: dict[str, int] = {}
+        self._dead_letters: dict[str, dict[str, None]] = {}
 
     # --- commands ------------------------------------------------------------------------------------------------
 
     def put(self, now: float, event_id: str, tenant: str, function: str, payload: bytes,
             qualifier: str | None = None, max_retries: int = RETRIES_MAX,
             max_age_s: float = EVENT_AGE_S_MAX) -> dict[str, Any]:
-        """Accept an event. Idempotent: the same id (a client's retry) is the same event."""
+        """Accept an event, unless its tenant's events not yet run would take more than its quota. Idempotent:
+        the same id (a client's retry) is the same event."""
         existing = self.events.get(event_id)
         if existing is not None:
             return existing.view()
-        self._collect(now)
+        self.expire(now)
+        self.check_room(tenant, len(payload))
         event = Event(event_id, tenant, function, qualifier, payload, now, max(0, min(RETRIES_MAX, max_retries)),
-                      max_age_s, visible_at=now)
+                      max_age_s, visible_at=now, payload_bytes=len(payload))
         self.events[event_id] = event
+        self._book(event, +1)
         self._push(event)
         return event.view()
 
     def take(self, now: float, poller: str, limit: int, visibility_s: float) -> list[dict[str, Any]]:
-        """Up to `limit` visible events for `poller`, hidden from others for `visibility_s`. Events past their
-        maximum age go to the dead-letter queue instead."""
+        """Up to `limit` visible events for `poller`, hidden from others for `visibility_s` (views without their
+        payloads: see `payload`). Events past their maximum age go to the dead-letter queue instead."""
         out: list[dict[str, Any]] = []
         while self._ready and len(out) < limit and self._ready[0][0] <= now:
             visible_at, _, event_id = heapq.heappop(self._ready)
@@ -89,12 +127,12 @@ class EventQueue:
                 self._dead(event, now, {"errorType": "EventAgeExceeded",
                                         "errorMessage": f"the event was older than {event.max_age_s:.0f}s"})
                 continue
-            event.state = INFLIGHT
+            self._move(event, INFLIGHT)
             event.owner = poller
             event.deliveries += 1
             event.visible_at = now + visibility_s
             self._push(event)
-            out.append(event.view(payload=True))
+            out.append(event.view())
         return out
 
     def settle(self, now: float, poller: str, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,7 +145,8 @@ class EventQueue:
                 continue
             outcome = o["outcome"]
             if outcome == SettleOutcome.OK:
-                event.state, event.settled_at, event.payload = DONE, now, b""
+                self._move(event, DONE)
+                event.settled_at, event.payload = now, b""
                 self._finished.append((now, event.event_id))
             elif event.owner != poller or event.state != INFLIGHT:
                 continue  # redelivered to someone else meanwhile: theirs to settle
@@ -122,7 +161,7 @@ class EventQueue:
                 if event.attempts > event.max_retries:
                     self._dead(event, now, o.get("error"))
                 else:
-                    self._retry(event, now, self.retry_backoff_s * 2 ** (event.attempts - 1))
+                    self._retry(event, now, self.limits.retry_backoff_s * 2 ** (event.attempts - 1))
             else:  # throttled or system_error: wait and try again, no retry used (the age still counts)
                 event.last_error = o.get("error")
                 self._retry(event, now, self.throttle_backoff_s * min(32, 2 ** min(event.deliveries, 5)))
@@ -130,20 +169,74 @@ class EventQueue:
         return results
 
     def redrive(self, now: float, tenant: str, event_ids: list[str] | None = None) -> int:
-        """Dead-lettered events of `tenant` back to the queue, with fresh retries and a fresh age."""
+        """Dead-lettered events of `tenant` (all, or those named) back to the queue, oldest first, with fresh
+        retries and a fresh age: as many as its quota of events not yet run has room for (refused if none)."""
+        named = set(event_ids) if event_ids is not None else None
         moved = 0
-        for event in list(self.events.values()):
-            if event.tenant != tenant or event.state != DLQ:
-                continue
-            if event_ids is not None and event.event_id not in event_ids:
-                continue
-            event.state, event.attempts, event.accepted_at, event.settled_at = QUEUED, 0, now, None
-            event.visible_at = now
+        for event_id in [e for e in self._dead_letters.get(tenant, {}) if named is None or e in named]:
+            event = self.events[event_id]
+            try:
+                self.check_room(tenant, event.payload_bytes)
+            except TooManyRequestsException:
+                if moved:
+                    break  # the rest stay dead letters: redrive them when these have run
+                raise
+            self._move(event, QUEUED)
+            event.attempts, event.accepted_at, event.settled_at, event.visible_at = 0, now, None, now
             self._push(event)
             moved += 1
         return moved
 
+    def expire(self, now: float) -> int:
+        """Forget done events past their retention (sooner, oldest first, while the queue holds more than half
+        of MAX_EVENTS) and dead letters past theirs; never an event not yet run. Returns how many went."""
+        gone = 0
+        while self._finished:
+            settled_at, event_id = self._finished[0]
+            if now - settled_at <= self.limits.done_retention_s and len(self.events) < MAX_EVENTS // 2:
+                break
+            self._finished.popleft()
+            event = self.events.get(event_id)
+            if event is not None and event.state == DONE:
+                self._forget(event)
+                gone += 1
+        for order in list(self._dead_letters.values()):
+            while order:
+                event = self.events[next(iter(order))]
+                if now - (event.settled_at or now) <= self.limits.dlq_retention_s:
+                    break
+                self._forget(event)
+                gone += 1
+        return gone
+
     # --- reads ---------------------------------------------------------------------------------------------------
+
+    def check_room(self, tenant: str, payload_bytes: int) -> None:
+        """Refuse an event of `payload_bytes` that would take `tenant` past its quota of events not yet run (also
+        asked by the registry service before an accept is committed, so a refused payload never enters the log)."""
+        used, cost = self.queued_bytes.get(tenant, 0), payload_bytes + EVENT_RECORD_BYTES
+        quota = self.limits.queued_bytes
+        if used + cost > quota:
+            raise TooManyRequestsException(
+                f"Your async events not yet run take {_size(used)} of your event queue quota of {_size(quota)}; "
+                f"this event ({_size(cost)}) does not fit. Retry with backoff once some of them have run (raising "
+                "the function's reserved concurrency lets them run sooner), or ask your operator for a larger "
+                "quota (tenant_event_queue_mb).",
+                reason=Reason.EVENT_QUEUE_FULL,
+            )
+
+    def expiring(self, now: float) -> bool:
+        """Whether `expire` now would forget anything (read by the control leader before it commits one)."""
+        if self._finished and (now - self._finished[0][0] > self.limits.done_retention_s
+                               or len(self.events) >= MAX_EVENTS // 2):
+            return True
+        return any(now - (self.events[next(iter(order))].settled_at or now) > self.limits.dlq_retention_s
+                   for order in self._dead_letters.values())
+
+    def payload(self, event_id: str) -> bytes | None:
+        """A taken event's payload; None once it is done or forgotten (then it need not run again)."""
+        event = self.events.get(event_id)
+        return event.payload if event is not None and event.state != DONE else None
 
     def visible(self, now: float) -> bool:
         """Whether a take now could find anything (read locally by pollers before they commit a take)."""
@@ -165,12 +258,14 @@ class EventQueue:
         found.sort(key=lambda e: e.accepted_at, reverse=True)
         return [e.view() for e in found[:limit]]
 
-    def counts(self, tenant: str | None = None) -> dict[str, int]:
+    def counts(self, tenant: str) -> dict[str, int]:
+        """A tenant's events by state, the bytes its quotas count, and how many dead letters it lost to its quota."""
         out = {QUEUED: 0, INFLIGHT: 0, DONE: 0, DLQ: 0}
         for e in self.events.values():
-            if tenant is None or e.tenant == tenant:
+            if e.tenant == tenant:
                 out[e.state] += 1
-        return out
+        return {**out, "queued_bytes": self.queued_bytes.get(tenant, 0), "dlq_bytes": self.dlq_bytes.get(tenant, 0),
+                "dlq_dropped": self.dlq_dropped.get(tenant, 0)}
 
     # --- internals -----------------------------------------------------------------------------------------------
 
@@ -184,21 +279,51 @@ class EventQueue:
                                     "errorMessage": f"the event would be older than {event.max_age_s:.0f}s "
                                                     f"at its next try; last error: {event.last_error}"})
             return
-        event.state, event.owner = QUEUED, ""
+        self._move(event, QUEUED)
+        event.owner = ""
         event.visible_at = now + delay_s
         self._push(event)
 
     def _dead(self, event: Event, now: float, error: dict[str, Any] | None) -> None:
-        event.state, event.settled_at, event.owner = DLQ, now, ""
-        event.last_error = error
+        """To the tenant's dead-letter queue (payload kept, for a redrive); past its quota, its oldest go."""
+        self._move(event, DLQ)
+        event.settled_at, event.owner, event.last_error = now, "", error
+        order = self._dead_letters[event.tenant]
+        while self.dlq_bytes.get(event.tenant, 0) > self.limits.dlq_bytes and order:
+            self._forget(self.events[next(iter(order))])
+            _add(self.dlq_dropped, event.tenant, 1)
 
-    def _collect(self, now: float) -> None:
-        """Forget done events past their retention, oldest first (amortised O(1) per accept). Under pressure
-        finished events go sooner; unfinished ones never."""
-        pressure = len(self.events) >= MAX_EVENTS // 2
-        while self._finished and (pressure or now - self._finished[0][0] > DONE_RETENTION_S):
-            _, event_id = self._finished.popleft()
-            event = self.events.get(event_id)
-            if event is not None and event.state == DONE:
-                del self.events[event_id]
-            pressure = len(self.events) >= MAX_EVENTS // 2
+    def _move(self, event: Event, state: str) -> None:
+        self._book(event, -1)
+        event.state = state
+        self._book(event, +1)
+
+    def _forget(self, event: Event) -> None:
+        self._book(event, -1)
+        del self.events[event.event_id]
+
+    def _book(self, event: Event, sign: int) -> None:
+        """Count (+1) or uncount (-1) an event in its tenant's usage of the quota its state falls under."""
+        if event.state in (QUEUED, INFLIGHT):
+            _add(self.queued_bytes, event.tenant, sign * event.cost)
+        elif event.state == DLQ:
+            _add(self.dlq_bytes, event.tenant, sign * event.cost)
+            order = self._dead_letters.setdefault(event.tenant, {})
+            if sign > 0:
+                order[event.event_id] = None
+            else:
+                order.pop(event.event_id, None)
+                if not order:
+                    del self._dead_letters[event.tenant]
+
+
+def _add(book: dict[str, int], tenant: str, delta: int) -> None:
+    value = book.get(tenant, 0) + delta
+    if value:
+        book[tenant] = value
+    else:
+        book.pop(tenant, None)
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:.1f} MB" if n >= MiB // 10 else f"{n / 1024:.0f} KB"

@@ -3,6 +3,10 @@ the control nodes.
 
 Every change is a typed message (wire.messages) that maps to one replicated command of `ControlState` (the
 `COMMANDS` table below: which command, and how its result becomes the typed reply).
+
+On its own, on a timer (`_upkeep`): the group's leader commits its node's limits when the replicated ones differ
+and expires finished events when some are due; every control node removes the code blobs no function version
+names any more, once their grace has passed.
 """
 
 from __future__ import annotations
@@ -16,9 +20,17 @@ import structlog
 
 from registry.blobs import BlobStore
 from registry.events import EventQueue
-from registry.state import ControlState
+from registry.state import ControlState, limits_of
 from wire import messages as m
-from wire.errors import FlintError, PeerUnavailable, Reason, ResourceNotFoundException, ServiceException
+from wire.errors import (
+    FlintError,
+    PeerUnavailable,
+    Reason,
+    ResourceNotFoundException,
+    ServiceException,
+    error_fields,
+    from_reply,
+)
 from wire.host import Host
 from wire.ids import new_request_id
 from wire.raft import RaftGroup
@@ -30,6 +42,7 @@ log = structlog.get_logger("registry")
 GROUP_COMMIT_S = 0.001  # an accept waits at most this long for others to share its commit
 GROUP_COMMIT_MAX = 128
 BLOB_COPY_TIMEOUT_S = 10.0
+UPKEEP_S = 0.5  # how often the leader looks for limits to replicate and events to expire
 
 
 def _function(record: dict) -> m.FunctionReply:
@@ -56,7 +69,6 @@ COMMANDS: dict[type[m.Message], tuple[str, Callable[[Any], m.Message]]] = {
     m.RegistryAddKey: ("add_key", _tenant),
     m.RegistryRevokeKey: ("revoke_key", _tenant),
     m.RegistryAddOperator: ("add_operator", lambda keys: m.Operators(operators=tuple(keys))),
-    m.EventsTake: ("events_take", lambda views: m.TakenEvents(events=_events(views))),
     m.EventsSettle: ("events_settle", lambda out: m.SettledEvents(results=tuple(m.Settled.from_fields(r)
                                                                                  for r in out))),
     m.EventsRedrive: ("events_redrive", lambda n: m.Redriven(redriven=n)),
@@ -68,6 +80,7 @@ class RegistryService:
         self.host = host
         self.group = group
         self.blobs = BlobStore(host.config.data_dir / "blobs")
+        self.blob_grace_s = host.config.settings.code_blob_grace_s
         self._batch: list[tuple[dict, asyncio.Future]] = []
         self._background = Background("registry")
 
@@ -88,7 +101,9 @@ class RegistryService:
             m.RegistryListAliases: at_leader(self.list_aliases),
             m.RegistryListTenants: at_leader(self.list_tenants),
             m.RegistryPrincipals: at_leader(self.principals),  # ZAP's key map: a revocation counts at once
+            m.RegistryCheckCode: at_leader(self.check_code),
             m.EventsPut: at_leader(self.put_event),
+            m.EventsTake: at_leader(self.take_events),
             m.EventsList: at_leader(self.list_events),  # a tenant's reads show an event's latest state at once
             m.EventsGet: at_leader(self.get_event),
             m.EventsVisible: self.events_visible,  # the pollers' scan: this replica is good enough
@@ -96,6 +111,8 @@ class RegistryService:
             m.GetBlob: self.get_blob,
         })
         server = self.host.server("registry", handlers)
+        self._background.spawn(self._upkeep(), name="registry-upkeep")
+        self._background.spawn(self._collect_blobs(), name="blob-collector")
         try:
             await server.serve()
         finally:
@@ -124,8 +141,12 @@ class RegistryService:
 
     async def put_event(self, req: Request) -> m.EventReply:
         """Group commit: accepts arriving together share one Raft command. The first waits GROUP_COMMIT_S for
-        company; under load the batch fills while the previous commit is in flight."""
+        company; under load the batch fills while the previous commit is in flight. An event its tenant's quota
+        has no room for is refused here first, so its payload never enters the Raft log (the commit checks again)."""
         args = {**req.msg.to_fields(), "payload": req.msg.payload or b""}
+        with self._queue() as queue:
+            if queue.get(req.msg.tenant, req.msg.event_id) is None:  # a retry of an accepted event is that event
+                queue.check_room(req.msg.tenant, len(args["payload"]))
         fut = asyncio.get_running_loop().create_future()
         self._batch.append((args, fut))
         timeout_s = req.remaining_s(5)
@@ -150,8 +171,26 @@ class RegistryService:
                     fut.set_exception(err)
             return
         for (_, fut), result in zip(batch, results):
-            if not fut.done():
-                fut.set_result(result)
+            if fut.done():
+                continue
+            if "error" in result:
+                fut.set_exception(from_reply(result["error"]))
+            else:
+                fut.set_result(result["event"])
+
+    async def take_events(self, req: Request) -> m.TakenEvents:
+        """A take commits without payloads, so the results the group remembers (to apply each command once) stay
+        small; each taken event's payload is read from this replica, which has applied the take."""
+        views = await self._submit(req, "events_take", req.msg.to_fields())
+        with self._queue() as queue:
+            taken = [{**v, "payload": queue.payload(v["event_id"])} for v in views]
+        return m.TakenEvents(events=_events([v for v in taken if v["payload"] is not None]))  # None: done meanwhile
+
+    async def check_code(self, req: Request) -> m.Empty:
+        msg = req.msg
+        with self.group.machine.read() as state:
+            state.check_code(msg.tenant, msg.name, msg.code_sha256, msg.code_size, msg.create)
+        return m.Empty()
 
     # --- reads -----------------------------------------------------------------------------------------------
 
@@ -209,6 +248,43 @@ class RegistryService:
         with self.group.machine.read() as state:
             state: ControlState
             yield state.events
+
+    # --- upkeep ----------------------------------------------------------------------------------------------
+
+    async def _upkeep(self) -> None:
+        """At the leader: replicate this node's limits where the group's differ, and expire what is due."""
+        wanted = limits_of(self.host.config.settings)
+        while True:
+            await asyncio.sleep(UPKEEP_S)
+            if not self.group.is_leader:
+                continue
+            with self.group.machine.read() as state:
+                state: ControlState
+                replicated, due = state.limits(), state.events.expiring(self.host.now())
+            try:
+                if replicated != wanted:
+                    await self.group.submit("set_limits", wanted, request_id=new_request_id(), timeout_s=2.0)
+                    log.info("registry.limits_replicated", limits=wanted)
+                if due:
+                    await self.group.submit("events_expire", {}, request_id=new_request_id(), timeout_s=2.0)
+            except FlintError as err:  # the next round tries again
+                log.warning("registry.upkeep_failed", **error_fields(err))
+
+    async def _collect_blobs(self) -> None:
+        """On every control node: remove the blobs here that no function version names, past their grace. Only
+        while this replica has caught up with its leader: a replica still replaying its log would not know of
+        versions made since its last dump."""
+        interval = min(60.0, max(0.5, self.blob_grace_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            if not (self.group.has_leader and self.group.status().ready):
+                continue
+            stored = await asyncio.to_thread(self.blobs.stored)
+            with self.group.machine.read() as state:
+                doomed = state.code.collectable(stored, self.host.now(), self.blob_grace_s)
+            for digest in doomed:
+                if await asyncio.to_thread(self.blobs.remove, digest, stored[digest]):
+                    log.info("code.collected", code_sha256=digest)
 
     # --- code blobs ------------------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Function metadata, versions, aliases and tenants, replicated in the `control` Raft group. No I/O.
 
 Code is not here: it is a content-addressed blob (sha256) kept by the control nodes' blob stores; a function
-record names its blob. The async event queue shares the group (`ControlState` at the bottom).
+record names its blob, and `code` (registry.code.CodeStorage) counts what each tenant's versions name against its
+quota and says which blobs nothing names any more. The async event queue shares the group (`ControlState` at the
+bottom), and so do the limits those rules use (`ControlState.cmd_set_limits`).
 
 Every rule about what a function's configuration may be lives here (`check_config`), and every command that
 makes or changes a configuration goes through it, whoever proposes it.
@@ -10,16 +12,20 @@ makes or changes a configuration goes through it, whoever proposes it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from registry.events import EventQueue
+from registry.code import CodeStorage
+from registry.events import EventLimits, EventQueue
+from wire.config import Settings
 from wire.errors import (
+    FlintError,
     InvalidParameterValueException,
     ResourceConflictException,
     ResourceNotFoundException,
 )
-from wire.messages import CONFIG_FIELDS, ENV_MAX_BYTES, EVENT_AGE_S_MAX, RETRIES_MAX, Runtime
+from wire.messages import CONFIG_FIELDS, ENV_MAX_BYTES, EVENT_AGE_S_MAX, RETRIES_MAX, MiB, Runtime
 
 LATEST = "$LATEST"
 ASYNC_DEFAULTS = {"maximum_retry_attempts": RETRIES_MAX, "maximum_event_age_s": EVENT_AGE_S_MAX}
@@ -55,23 +61,37 @@ class RegistryState:
         self.tenants: dict[str, dict[str, Any]] = {}
         self.operators: list[str] = []  # public keys allowed to administer tenants and limits
         self._key_owner: dict[str, str] = {}
+        self.code = CodeStorage()
 
     # --- functions -----------------------------------------------------------------------------------------------
 
+    def check_code(self, tenant: str, name: str, code_sha256: str, code_size: int, create: bool) -> None:
+        """What a create of function `name` (or an update of its code) with this package is refused for: the name
+        taken (or missing), or the tenant's code storage quota. Asked before the package is uploaded, and again
+        as the change commits."""
+        entry = self.functions.get((tenant, name))
+        if create and entry is not None:
+            raise ResourceConflictException(f"Function already exist: {name}. Update it, or delete it first.")
+        if not create and entry is None:
+            raise _not_found(name)
+        replacing = None if entry is None else entry["latest"]["code_sha256"]
+        self.code.check(tenant, code_sha256, code_size, replacing=replacing)
+
     def cmd_create_function(self, now: float, config: dict[str, Any]) -> dict[str, Any]:
-        key = (config["tenant"], config["name"])
-        if key in self.functions:
-            raise ResourceConflictException(
-                f"Function already exist: {config['name']}. Update it, or delete it first."
-            )
+        tenant, name = config["tenant"], config["name"]
+        self.check_code(tenant, name, config["code_sha256"], config.get("code_size", 0), create=True)
         check_config(config)
         record = {**ASYNC_DEFAULTS, **config, "version": LATEST, "created_ms": int(now * 1000),
                   "last_modified_ms": int(now * 1000)}
-        self.functions[key] = {"latest": record, "versions": {}, "aliases": {}, "next_version": 1}
+        self.functions[(tenant, name)] = {"latest": record, "versions": {}, "aliases": {}, "next_version": 1}
+        self.code.add(tenant, record["code_sha256"], record.get("code_size", 0))
         return dict(record)
 
     def cmd_update_code(self, now: float, tenant: str, name: str, code_sha256: str, code_size: int) -> dict[str, Any]:
+        self.check_code(tenant, name, code_sha256, code_size, create=False)
         latest = self._entry(tenant, name)["latest"]
+        self.code.add(tenant, code_sha256, code_size)
+        self.code.drop(now, tenant, latest["code_sha256"])
         latest.update(code_sha256=code_sha256, code_size=code_size, last_modified_ms=int(now * 1000))
         return dict(latest)
 
@@ -88,8 +108,11 @@ class RegistryState:
         return dict(latest)
 
     def cmd_delete_function(self, now: float, tenant: str, name: str) -> None:
-        if self.functions.pop((tenant, name), None) is None:
+        entry = self.functions.pop((tenant, name), None)
+        if entry is None:
             raise _not_found(name)
+        for record in (entry["latest"], *entry["versions"].values()):
+            self.code.drop(now, tenant, record["code_sha256"])
 
     def cmd_publish_version(self, now: float, tenant: str, name: str, description: str = "") -> dict[str, Any]:
         """An immutable copy of $LATEST. Publishing unchanged code and configuration returns the last version."""
@@ -104,6 +127,7 @@ class RegistryState:
         entry["next_version"] += 1
         entry["versions"][version] = {**copy.deepcopy(latest), "version": version, "description": description,
                                       "published_ms": int(now * 1000)}
+        self.code.add(tenant, latest["code_sha256"], latest.get("code_size", 0))
         return dict(entry["versions"][version])
 
     def cmd_put_alias(self, now: float, tenant: str, name: str, alias: str, version: str,
@@ -250,19 +274,44 @@ RegistryState.COMMANDS = {
 }
 
 
-class ControlState(RegistryState):
-    """The `control` group's state: the registry, and the async event queue beside it."""
+def limits_of(settings: Settings) -> dict[str, Any]:
+    """The limits of ControlState's rules that a node's settings ask for (what `cmd_set_limits` takes)."""
+    return {"events": dataclasses.asdict(EventLimits.of(settings)),
+            "code_storage_bytes": settings.tenant_code_storage_mb * MiB}
 
-    def __init__(self, retry_backoff_s: float) -> None:
+
+class ControlState(RegistryState):
+    """The `control` group's state: the registry, and the async event queue beside it.
+
+    The limits its rules use (quotas, retention, the retry backoff) are part of the replicated state: every
+    replica starts from the defaults and the leader commits its node's settings when they differ
+    (`cmd_set_limits`), so replicas never decide with different numbers, even if nodes' settings differ."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.events = EventQueue(retry_backoff_s=retry_backoff_s)
+        self.events = EventQueue()
+
+    def limits(self) -> dict[str, Any]:
+        return {"events": dataclasses.asdict(self.events.limits), "code_storage_bytes": self.code.quota_bytes}
+
+    def cmd_set_limits(self, now: float, events: dict[str, Any], code_storage_bytes: int) -> dict[str, Any]:
+        self.events.limits = EventLimits(**events)
+        self.code.quota_bytes = code_storage_bytes
+        return self.limits()
 
     def cmd_events_put(self, now: float, **kw: Any) -> dict[str, Any]:
         return self.events.put(now, **kw)
 
     def cmd_events_put_many(self, now: float, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Several accepts in one commit (group commit at the leader); each is idempotent on its event id."""
-        return [self.events.put(now, **item) for item in items]
+        """Several accepts in one commit (group commit at the leader); each is idempotent on its event id, and
+        each is refused on its own ({"error": ...} in its place), so one tenant at its quota fails no other's."""
+        out: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                out.append({"event": self.events.put(now, **item)})
+            except FlintError as err:
+                out.append({"error": err.to_wire()})
+        return out
 
     def cmd_events_take(self, now: float, **kw: Any) -> list[dict[str, Any]]:
         return self.events.take(now, **kw)
@@ -273,12 +322,17 @@ class ControlState(RegistryState):
     def cmd_events_redrive(self, now: float, **kw: Any) -> int:
         return self.events.redrive(now, **kw)
 
+    def cmd_events_expire(self, now: float) -> int:
+        return self.events.expire(now)
+
 
 ControlState.COMMANDS = {
     **RegistryState.COMMANDS,
+    "set_limits": ControlState.cmd_set_limits,
     "events_put": ControlState.cmd_events_put,
     "events_put_many": ControlState.cmd_events_put_many,
     "events_take": ControlState.cmd_events_take,
     "events_settle": ControlState.cmd_events_settle,
     "events_redrive": ControlState.cmd_events_redrive,
+    "events_expire": ControlState.cmd_events_expire,
 }

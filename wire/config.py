@@ -80,6 +80,14 @@ class Settings:
     event_retry_backoff_s: float = 60.0  # async: the wait before a retry after a function error (doubles)
     event_visibility_s: float = 60.0  # async: a taken event reappears this long after its poller went quiet
     event_pollers: int = 16  # async: executions of queued events one frontend runs at once
+    # Quotas on control-plane state, per tenant (one tenant at its quota never blocks another), and how long
+    # finished state is kept.
+    tenant_event_queue_mb: int = 128  # async: payloads of a tenant's events not yet run (1 KB more each); past it, 429
+    tenant_dlq_mb: int = 32  # async: a tenant's dead-letter queue; past it, its oldest dead letters are dropped
+    event_done_retention_s: float = 3600.0  # async: a finished event stays listable this long (not its payload)
+    event_dlq_retention_s: float = 24 * 3600.0  # async: a dead letter stays this long, to be redriven
+    tenant_code_storage_mb: int = 5120  # zipped code of all a tenant's function versions (Lambda: 75 GB an account)
+    code_blob_grace_s: float = 300.0  # a code blob no version names any more leaves the control nodes this long after
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -96,6 +104,7 @@ class Settings:
         return self
 
 
+CODE_BLOB_GRACE_S_MAX = 24 * 3600.0  # the longest code_blob_grace_s: the registry forgets releases after this
 SKEW_MARGIN_S = 0.25  # a frontend stops admitting on a credit lease this long before the ledger's expiry
 # (low, high or None) of every numeric setting
 _BOUNDS: dict[str, tuple[float, float | None]] = {
@@ -108,6 +117,9 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "credit_lease_s": (4 * SKEW_MARGIN_S, 60), "cold_start_allowance_s": (0, TIMEOUT_S_MAX),
     "default_tenant_limit": (0, 1_000_000), "unreserved_min": (0, 1_000_000),
     "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
+    "tenant_event_queue_mb": (1, 1_000_000), "tenant_dlq_mb": (1, 1_000_000),
+    "event_done_retention_s": (1, 7 * 24 * 3600), "event_dlq_retention_s": (1, 14 * 24 * 3600),
+    "tenant_code_storage_mb": (1, 75 * 1024), "code_blob_grace_s": (1, CODE_BLOB_GRACE_S_MAX),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
@@ -122,6 +134,9 @@ _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
      "more prepared slots than sandboxes a host may hold; lower sandbox_pool"),
     (("unreserved_min", "default_tenant_limit"), lambda s: s.unreserved_min <= s.default_tenant_limit,
      "a tenant's limit must leave room for the unreserved minimum; lower unreserved_min"),
+    (("code_blob_grace_s", "function_cache_ttl_s"), lambda s: s.code_blob_grace_s >= s.function_cache_ttl_s,
+     "a frontend may still start the code a function just replaced for function_cache_ttl_s; raise "
+     "code_blob_grace_s to at least that"),
 ]
 
 

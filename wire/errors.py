@@ -17,6 +17,8 @@ class Reason(enum.StrEnum):
     # throttles (TooManyRequestsException), as Lambda names them
     CONCURRENT_LIMIT = "ConcurrentInvocationLimitExceeded"
     RESERVED_LIMIT = "ReservedFunctionConcurrentInvocationLimitExceeded"
+    # Flint's own: a tenant's async events not yet run are at its quota (Lambda documents no such queue quota)
+    EVENT_QUEUE_FULL = "EventQueueLimitExceeded"
     # a peer could not be asked (PeerUnavailable): the first certainly did not run, the others may have
     NOT_SENT = "NotSent"
     TIMEOUT = "Timeout"

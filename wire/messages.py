@@ -286,7 +286,7 @@ class EventView(Message):
     deliveries: int = integer(0, default=0)  # times a poller took it
     last_error: dict | None = any_map(default=None)
     settled_at: float | None = number(default=None)
-    payload_bytes: int = integer(0, default=0)
+    payload_bytes: int = integer(0, default=0)  # as accepted (a done event's payload itself is gone)
     payload: bytes | None = blob(ASYNC_PAYLOAD_MAX_BYTES, default=None)  # only when a poller takes it
 
 
@@ -301,6 +301,9 @@ class EventCounts(Message):
     inflight: int = integer(0, default=0)
     done: int = integer(0, default=0)
     dlq: int = integer(0, default=0)
+    queued_bytes: int = integer(0, default=0)  # what the queued and in-flight ones take of the tenant's quota
+    dlq_bytes: int = integer(0, default=0)  # what the dead letters take of theirs
+    dlq_dropped: int = integer(0, default=0)  # dead letters pushed out by newer ones past the quota
 
 
 @message()
@@ -688,6 +691,18 @@ class Blob(Message):
 class GetBlob(Message):
     sha256: str = text(64)
     local_only: bool = flag(default=False)  # set by a control node asking a peer, so no request goes round
+
+
+@message("registry.check_code", reply=Empty)
+class RegistryCheckCode(Message):
+    """Would the registry take this package for a create (or a code update) of `name`? Asked before uploading it,
+    so a package past the tenant's code storage quota is never stored."""
+
+    tenant: str = name_text()
+    name: str = name_text()
+    code_sha256: str = text(64)
+    code_size: int = integer(0, ZIP_MAX_BYTES)
+    create: bool = flag(default=True)
 
 
 # --- registry: the async event queue -----------------------------------------------------------------------------
