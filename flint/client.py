@@ -261,6 +261,10 @@ class AsyncClient:
         key = public_key.decode() if isinstance(public_key, bytes) else public_key
         return (await self._call(m.TenantRevokeKey(tenant=tenant, public_key=key))).tenant.to_fields()
 
+    async def set_tenant_network(self, tenant: str, allowed: bool) -> dict[str, Any]:
+        """Operator: let a tenant's functions have network access, or not (taken away from all of them)."""
+        return (await self._call(m.TenantNetwork(tenant=tenant, allowed=allowed))).tenant.to_fields()
+
     async def list_tenants(self) -> dict[str, Any]:
         """{tenant name: {tenant, keys, revoked, created_ms}}."""
         return {t.tenant: t.to_fields() for t in (await self._call(m.TenantList())).tenants}

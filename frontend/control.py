@@ -69,6 +69,7 @@ class ControlPlane:
             m.TenantAddKey: operator(self.tenant_add_key),
             m.TenantRevokeKey: operator(self.tenant_revoke_key),
             m.TenantList: operator(self.tenant_list),
+            m.TenantNetwork: operator(self.tenant_network),
             m.TenantLimit: operator(self.tenant_limit),
             m.Revise: self.revise,
         }
@@ -219,6 +220,13 @@ class ControlPlane:
         reply = await self.registry.command(revoke, request_id=self._once(req, revoke))
         self.keys.changed()
         log.warning("tenant.key_revoked", target_tenant=req.msg.tenant)
+        return reply
+
+    async def tenant_network(self, req: Request) -> m.TenantReply:
+        change = m.RegistrySetTenantNetwork.from_fields(req.msg.to_fields())
+        reply = await self.registry.command(change, request_id=self._once(req, change))
+        self.cache.forget_tenant(req.msg.tenant)  # functions whose network was taken away must not run cached
+        log.warning("tenant.network", target_tenant=req.msg.tenant, allowed=req.msg.allowed)
         return reply
 
     async def tenant_list(self, req: Request) -> m.Tenants:

@@ -47,6 +47,10 @@ class FunctionCache:
             del self._entries[oldest]
         self._entries[(tenant, name)] = (now, config)
 
+    def forget_tenant(self, tenant: str) -> None:
+        for key in [k for k in self._entries if k[0] == tenant]:
+            del self._entries[key]
+
     def forget(self, tenant: str, name: str) -> None:
         """Forget a function: its $LATEST and every name:qualifier entry."""
         for key in [k for k in self._entries if k[0] == tenant and (k[1] == name or k[1].startswith(name + ":"))]:

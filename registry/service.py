@@ -69,6 +69,7 @@ COMMANDS: dict[type[m.Message], tuple[str, Callable[[Any], m.Message]]] = {
     m.RegistryAddKey: ("add_key", _tenant),
     m.RegistryRevokeKey: ("revoke_key", _tenant),
     m.RegistryAddOperator: ("add_operator", lambda keys: m.Operators(operators=tuple(keys))),
+    m.RegistrySetTenantNetwork: ("set_tenant_network", _tenant),
     m.EventsSettle: ("events_settle", lambda out: m.SettledEvents(results=tuple(m.Settled.from_fields(r)
                                                                                  for r in out))),
     m.EventsRedrive: ("events_redrive", lambda n: m.Redriven(redriven=n)),

@@ -20,6 +20,7 @@ from registry.code import CodeStorage
 from registry.events import EventLimits, EventQueue
 from wire.config import Settings
 from wire.errors import (
+    AccessDeniedException,
     FlintError,
     InvalidParameterValueException,
     ResourceConflictException,
@@ -81,6 +82,7 @@ class RegistryState:
         tenant, name = config["tenant"], config["name"]
         self.check_code(tenant, name, config["code_sha256"], config.get("code_size", 0), create=True)
         check_config(config)
+        self._check_network(tenant, config)
         record = {**ASYNC_DEFAULTS, **config, "version": LATEST, "created_ms": int(now * 1000),
                   "last_modified_ms": int(now * 1000)}
         self.functions[(tenant, name)] = {"latest": record, "versions": {}, "aliases": {}, "next_version": 1}
@@ -103,6 +105,7 @@ class RegistryState:
         if not changes:
             raise InvalidParameterValueException("nothing to change: give at least one setting")
         check_config({**latest, **changes})
+        self._check_network(tenant, changes)
         latest.update(changes)
         latest["last_modified_ms"] = int(now * 1000)
         return dict(latest)
@@ -229,6 +232,29 @@ class RegistryState:
         self._key_owner.pop(public_key, None)
         return _tenant_view(tenant, record)
 
+    def cmd_set_tenant_network(self, now: float, tenant: str, allowed: bool) -> dict[str, Any]:
+        """The operator decides whether a tenant's functions may have network access at all. Taking it away
+        turns it off in every function of the tenant, its published versions included: their sandboxes are
+        then built anew, without it."""
+        record = self.tenants.get(tenant)
+        if record is None:
+            raise ResourceNotFoundException(f"no tenant {tenant}; create it first")
+        record["network"] = allowed
+        if not allowed:
+            for (owner, _), entry in self.functions.items():
+                if owner == tenant:
+                    for config in (entry["latest"], *entry["versions"].values()):
+                        if config.get("network"):
+                            config["network"] = False
+                            config["last_modified_ms"] = int(now * 1000)
+        return _tenant_view(tenant, record)
+
+    def _check_network(self, tenant: str, config: dict[str, Any]) -> None:
+        if config.get("network") and not self.tenants.get(tenant, {}).get("network", False):
+            raise AccessDeniedException(
+                f"tenant {tenant} may not give functions network access; ask your operator "
+                f"(flint tenant network {tenant} --allow)")
+
     def cmd_add_operator(self, now: float, public_key: str) -> list[str]:
         if public_key in self._key_owner:
             raise ResourceConflictException("that key belongs to a tenant")
@@ -251,7 +277,7 @@ class RegistryState:
 
 def _tenant_view(name: str, record: dict[str, Any]) -> dict[str, Any]:
     return {"tenant": name, "keys": list(record["keys"]), "revoked": len(record.get("revoked", [])),
-            "created_ms": record["created_ms"]}
+            "created_ms": record["created_ms"], "network": record.get("network", False)}
 
 
 def _not_found(name: str) -> ResourceNotFoundException:
@@ -271,6 +297,7 @@ RegistryState.COMMANDS = {
     "add_key": RegistryState.cmd_add_key,
     "revoke_key": RegistryState.cmd_revoke_key,
     "add_operator": RegistryState.cmd_add_operator,
+    "set_tenant_network": RegistryState.cmd_set_tenant_network,
 }
 
 

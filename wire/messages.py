@@ -240,6 +240,7 @@ class TenantView(Message):
     keys: tuple = text_list(1024)
     revoked: int = integer(0)
     created_ms: int = integer(0)
+    network: bool = flag(default=False)  # its functions may have network access (the operator's decision)
 
 
 @message()
@@ -534,6 +535,14 @@ class TenantRevokeKey(Message):
     public_key: str = text(40)
 
 
+@message("tenant.network", reply=TenantReply)
+class TenantNetwork(Message):
+    """Whether a tenant's functions may have network access; taking it away turns it off in all of them."""
+
+    tenant: str = name_text()
+    allowed: bool = flag()
+
+
 @message("tenant.list", reply=Tenants)
 class TenantList(Message):
     pass
@@ -647,6 +656,11 @@ class RegistryRevokeKey(TenantRevokeKey):
 @message()
 class Operators(Message):
     operators: tuple = text_list(1024)
+
+
+@message("registry.set_tenant_network", reply=TenantReply)
+class RegistrySetTenantNetwork(TenantNetwork):
+    pass
 
 
 @message("registry.add_operator", reply=Operators)

@@ -31,7 +31,15 @@ def add_parser(commands: Commands) -> None:
     limit.add_argument("tenant")
     limit.add_argument("limit", type=int, nargs="?", help="the new limit (omit to show the current one)")
     limit.set_defaults(func=cmd_tenant_limit)
-    for sp in (create, add, revoke, ls, limit):
+    network = actions.add_parser(
+        "network", help="let a tenant's functions have network access (--allow) or not (--deny: taken away from all "
+                        "of them at once); without it, --network is refused")
+    network.add_argument("tenant")
+    choice = network.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--allow", action="store_true", help="its functions may be created with --network")
+    choice.add_argument("--deny", action="store_true", help="no function of it has network access")
+    network.set_defaults(func=cmd_tenant_network)
+    for sp in (create, add, revoke, ls, limit, network):
         sp.add_argument("--region", type=Path, default=None, help=REGION_HELP)
         sp.add_argument("--operator-key", type=Path, default=None,
                         help="an operator .key_secret (default: the region's)")
@@ -91,7 +99,15 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
         tenants = client.list_tenants()
     for name, t in sorted(tenants.items()):
         keys = ", ".join(k[:8] + "..." for k in t["keys"]) or "none"
-        print(f"{name:<24} active keys: {keys}  (revoked: {t['revoked']})")
+        print(f"{name:<24} active keys: {keys}  (revoked: {t['revoked']})"
+              f"{'  network allowed' if t.get('network') else ''}")
+    return 0
+
+
+def cmd_tenant_network(args: argparse.Namespace) -> int:
+    with client_from(args, operator=True) as client:
+        client.set_tenant_network(args.tenant, allowed=args.allow)
+    print(f"tenant {args.tenant}: functions {'may have' if args.allow else 'have no'} network access")
     return 0
 
 

@@ -226,3 +226,22 @@ def test_a_burst_of_big_invokes_never_overcommits_a_hosts_memory(tmp_path):
         assert peak and max(peak.values()) <= 2048, f"sandbox memory held per host: {peak}"
     finally:
         region.down()
+
+
+def test_network_access_is_the_operators_decision_per_tenant(region, keys, tmp_path):
+    from wire.errors import AccessDeniedException
+
+    src = code(tmp_path, ENV_ECHO)
+    with Client.from_region(region.root, key_file=keys["mallory"]) as mallory, \
+            Client.from_region(region.root, operator=True) as operator:
+        with pytest.raises(AccessDeniedException, match="network access"):
+            mallory.create_function("net", code=src, handler="handler.handle", network=True)
+        mallory.create_function("net", code=src, handler="handler.handle")
+        with pytest.raises(AccessDeniedException, match="network access"):
+            mallory.update_function_configuration("net", network=True)
+        assert operator.set_tenant_network("mallory", allowed=True)["network"] is True
+        assert mallory.update_function_configuration("net", network=True)["network"] is True
+        mallory.publish_version("net")
+        operator.set_tenant_network("mallory", allowed=False)  # taken away: from every function and version
+        assert mallory.get_function("net")["network"] is False
+        assert all(v["network"] is False for v in mallory.list_versions("net"))
