@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -80,6 +81,16 @@ class Settings:
     event_retry_backoff_s: float = 60.0  # async: the wait before a retry after a function error (doubles)
     event_visibility_s: float = 60.0  # async: a taken event reappears this long after its poller went quiet
     event_pollers: int = 16  # async: executions of queued events one frontend runs at once
+    # Sandboxes of functions with network (worker/network.py): each worker takes a block of this pool (the block
+    # is its own on the host; addresses never leave it: they are masqueraded). The default lies in 198.18.0.0/15,
+    # the benchmarking range, so it meets no real network; 198.19.0.0/16 is left for tests' "outside" servers.
+    sandbox_network_cidr: str = "198.18.0.0/16"
+    sandbox_network_prefix: int = 24  # the size of a worker's block: /24 = 254 sandboxes with network at once
+    sandbox_network_block: str = ""  # this worker's block, e.g. "198.18.7.0/24"; "": derived from its node id
+    # more networks sandboxes may not reach, e.g. the cluster's own (its control nodes, its node address, every
+    # node placement knows, loopback, link-local and the sandbox pool itself are always refused)
+    sandbox_network_refused: tuple[str, ...] = ()
+    sandbox_resolver: str = ""  # the nameserver sandboxes are told of: "" the host's first non-loopback one; "none"
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -93,6 +104,7 @@ class Settings:
             if not holds(self):
                 values = ", ".join(f"{f} = {getattr(self, f):g}" for f in fields)
                 raise ConfigError(f"{values}: {why}")
+        _check_sandbox_network(self)
         return self
 
 
@@ -108,6 +120,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "credit_lease_s": (4 * SKEW_MARGIN_S, 60), "cold_start_allowance_s": (0, TIMEOUT_S_MAX),
     "default_tenant_limit": (0, 1_000_000), "unreserved_min": (0, 1_000_000),
     "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
+    "sandbox_network_prefix": (16, 30),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
@@ -123,6 +136,36 @@ _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
     (("unreserved_min", "default_tenant_limit"), lambda s: s.unreserved_min <= s.default_tenant_limit,
      "a tenant's limit must leave room for the unreserved minimum; lower unreserved_min"),
 ]
+
+
+def _check_sandbox_network(s: Settings) -> None:
+    """The sandbox network's addresses: IPv4 networks that fit together."""
+    def network(name: str, text: str) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name} = {text!r}: not an IPv4 network ({exc})") from None
+
+    pool = network("sandbox_network_cidr", s.sandbox_network_cidr)
+    if s.sandbox_network_prefix < pool.prefixlen or s.sandbox_network_prefix - pool.prefixlen > 16:
+        raise ConfigError(f"sandbox_network_prefix = {s.sandbox_network_prefix}: a worker's block must lie in "
+                          f"sandbox_network_cidr = {pool} and it must hold at most 65536 blocks")
+    if s.sandbox_network_block:
+        block = network("sandbox_network_block", s.sandbox_network_block)
+        if not block.subnet_of(pool) or block.prefixlen != s.sandbox_network_prefix:
+            raise ConfigError(f"sandbox_network_block = {block}: it must be a /{s.sandbox_network_prefix} of "
+                              f"sandbox_network_cidr = {pool}")
+    for text in s.sandbox_network_refused:
+        refused = network("sandbox_network_refused", text)
+        if refused.overlaps(pool):
+            raise ConfigError(f"sandbox_network_refused holds {refused}, which overlaps sandbox_network_cidr = "
+                              f"{pool}: sandbox addresses must be apart from the networks they may not reach")
+    if s.sandbox_resolver not in ("", "none"):
+        try:
+            ipaddress.IPv4Address(s.sandbox_resolver)
+        except ValueError:
+            raise ConfigError(f"sandbox_resolver = {s.sandbox_resolver!r}: an IPv4 address, \"none\", or \"\" "
+                              "for the host's own nameserver") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +298,16 @@ def _sub(cls: type, raw: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {key} must be true or false")
             values[key] = value
+            continue
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string")
+            values[key] = value
+            continue
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+            values[key] = tuple(value)
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number")

@@ -32,6 +32,8 @@ class Reason(enum.StrEnum):
     ADMISSION_EXPIRED = "AdmissionExpired"
     ALREADY_STARTED = "AlreadyStarted"
     SHUTTING_DOWN = "ShuttingDown"  # the node is stopping: the request was refused before anything ran
+    # a function with network, on a worker that cannot give it a network of its own (no root, no nftables)
+    NO_SAFE_NETWORK = "NoSafeNetwork"
     # replicated state (ServiceException)
     NOT_A_REPLICA = "NotAReplica"
     NO_QUORUM = "NoQuorum"
