@@ -86,7 +86,7 @@ class SandboxNetwork:
         if not (self.caps.root and self.caps.namespaces):
             self.why = "no network namespaces without root"
         elif missing:
-            self.why = f"{', '.join(missing)} not installed (packages iproute2, util-linux, nftables)"
+            self.why = f"{' and '.join(missing)} not found (Debian packages: iproute2, util-linux, nftables)"
         else:
             try:
                 await self._start()
@@ -219,8 +219,9 @@ class SandboxNetwork:
 
 def no_safe_network(why: str) -> ServiceException:
     return ServiceException(
-        f"this worker cannot give a function with network a network of its own ({why}); it runs no sandbox in "
-        "the host's network, so functions with network are refused here", reason=Reason.NO_SAFE_NETWORK)
+        f"this worker cannot give a function with network a network of its own: {why}. It never runs one in the "
+        "host's network, so functions with network are refused here (they need a worker with root and nftables)",
+        reason=Reason.NO_SAFE_NETWORK)
 
 
 def _claim(block: Block) -> socket.socket | None:
