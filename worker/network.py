@@ -101,7 +101,7 @@ class SandboxNetwork:
 
     async def _start(self) -> None:
         s = self.settings
-        self.sweep_stale()
+        sweep_stale()
         routes = _read("/proc/net/route")
         for block in netplan.blocks(s.sandbox_network_cidr, s.sandbox_network_prefix, self.node_id,
                                     s.sandbox_network_block):
@@ -125,17 +125,6 @@ class SandboxNetwork:
         log.info("net.ready", block=str(self.block.network), table=f"inet {self.block.table}",
                  veths=f"{self.block.veth_prefix}*", resolver=self.resolver, refused=self.refused)
 
-    def sweep_stale(self) -> None:
-        """Remove the tables and veths of every block no live worker on this host holds (killed workers')."""
-        for block in _our_tables():
-            claim = _claim(block)
-            if claim is not None:
-                try:
-                    _remove_block(block)
-                    log.info("net.stale_removed", table=block.table)
-                finally:
-                    claim.close()
-
     def close(self) -> None:
         """At the worker's stop: its table and veths go, its block is free, forwarding back as it found it.
         Synchronous, so a stop that cancels the worker's other clean-up still runs all of it."""
@@ -147,10 +136,8 @@ class SandboxNetwork:
             self._claim.close()
             self._claim = None
         self.available = False
-        if held and FORWARDING_MARK.exists() and not _our_tables():  # turned on by a worker, needed by none now
-            IP_FORWARD.write_text("0")
-            FORWARDING_MARK.unlink(missing_ok=True)
-            log.info("net.forwarding_restored", sysctl="net.ipv4.ip_forward=0")
+        if held:
+            _restore_forwarding_if_unneeded()
 
     # --- one sandbox ---------------------------------------------------------------------------------------------
 
@@ -215,6 +202,34 @@ class SandboxNetwork:
                 "without_network": "own network namespace, lo only",
                 "block": str(self.block.network), "table": f"inet {self.block.table}",
                 "veths": f"{self.block.veth_prefix}*", "resolver": self.resolver, "refused": self.refused}
+
+
+def sweep_stale() -> list[str]:
+    """Remove the tables and veths of every block no live worker on this host holds (SIGKILLed workers' leave
+    theirs). Run at a worker's start, and by `Region.down` once its nodes are stopped. Returns the tables gone."""
+    removed = []
+    for block in _our_tables():
+        claim = _claim(block)
+        if claim is not None:
+            try:
+                _remove_block(block)
+                removed.append(block.table)
+                log.info("net.stale_removed", table=block.table)
+            except OSError as err:
+                log.warning("net.stale_not_removed", table=block.table, **error_fields(err))
+            finally:
+                claim.close()
+    if removed:
+        _restore_forwarding_if_unneeded()
+    return removed
+
+
+def _restore_forwarding_if_unneeded() -> None:
+    """IPv4 forwarding off again if a worker turned it on and no Flint table is left on the host to need it."""
+    if FORWARDING_MARK.exists() and not _our_tables():
+        IP_FORWARD.write_text("0")
+        FORWARDING_MARK.unlink(missing_ok=True)
+        log.info("net.forwarding_restored", sysctl="net.ipv4.ip_forward=0")
 
 
 def no_safe_network(why: str) -> ServiceException:
