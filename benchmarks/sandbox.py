@@ -7,6 +7,9 @@ Measured in one run, with the worker's own code (zygote, slot pool, SandboxProce
   no_new_privs, seccomp, rlimits; as root) - or whatever this machine allows, which the JSON says - from a
   prepared slot, as a worker keeps `sandbox_pool` of them; and with no slot prepared (a burst bigger than the
   pool: the fork, namespaces, cgroups and root are built in the measured time too);
+- cold start of a function with network (root only): no slot is kept prepared for one, so the fork, namespaces,
+  cgroups and root are in the time, plus its veth, address and routes (worker/network.py) - compare with the
+  unprepared cold start;
 - the same for a fresh `python3` with the runtime's imports (the bootstrap started on its own, no isolation),
   and for bubblewrap (Debian's `bubblewrap`) launching the same handler with --unshare-all;
 - warm invoke overhead, worker side: a no-op handler's round trip through the sandbox's channel, p50/p99
@@ -35,8 +38,10 @@ import uvloop
 from _common import CORES, ROOT, echo_code, p50, p99, parser, print_result  # first: the repository's path
 
 from wire import messages as m
+from wire.config import Settings
 from worker import isolation as iso
 from worker.cgroups import host_cgroups
+from worker.network import SandboxNetwork
 from worker.sandbox import SandboxProcess
 from worker.slots import SlotPool
 from worker.zygote_client import Zygote
@@ -45,9 +50,9 @@ BOOTSTRAP = ROOT / "worker" / "bootstrap.py"
 TARGETS = {"cold_p50_ms": 10.0, "cold_p99_ms": 25.0, "warm_overhead_p50_us": 200.0, "idle_pss_mib": 5.0}
 
 
-def config(name: str = "bench", memory_mb: int = 128) -> m.FunctionConfig:
+def config(name: str = "bench", memory_mb: int = 128, network: bool = False) -> m.FunctionConfig:
     return m.FunctionConfig(tenant="bench", name=name, handler="handler.handle", code_sha256="0" * 64,
-                            memory_mb=memory_mb)
+                            memory_mb=memory_mb, network=network)
 
 
 async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: float) -> dict:
@@ -55,20 +60,22 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
     caps = iso.probe(cgroups)
     zygote = Zygote(caps, CORES or 1)
     await zygote.start()
-    pool = SlotPool(zygote, cgroups, run_root, size=4)
+    network = SandboxNetwork(f"bench-{os.getpid()}", "127.0.0.1", ["127.0.0.1"], Settings(), caps)
+    await network.start()
+    pool = SlotPool(zygote, cgroups, run_root, size=4, network=network)
     pool.start()
     try:
         async def ready_slots(n: int) -> None:
             while len(pool.ready) < n:
                 await asyncio.sleep(0.002)
 
-        async def cold_starts(name: str, n: int, slots: SlotPool, prepared: int) -> list[float]:
+        async def cold_starts(name: str, n: int, slots: SlotPool, prepared: int, net: bool = False) -> list[float]:
             """create -> first result, ms, n times; `prepared` slots made ready before each (outside the time)"""
             times = []
             for i in range(n):
                 await ready_slots(prepared)
                 began = time.perf_counter()
-                sb = await SandboxProcess.start(f"{name}-{i}", config(), code, pool=slots)
+                sb = await SandboxProcess.start(f"{name}-{i}", config(network=net), code, pool=slots)
                 out = await sb.invoke(f"{name}{i}", b'{"n": 1}', False)
                 times.append((time.perf_counter() - began) * 1000)
                 assert out.function_error is None and sb.init_error is None, out.payload
@@ -80,6 +87,9 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
         # with no prepared slot (a burst bigger than the pool): fork, namespaces, cgroups and root too
         unprepared = await cold_starts("bare", max(20, n_cold // 5), SlotPool(zygote, cgroups, run_root / "bare", size=0),
                                        prepared=0)
+        # with network: prepared on demand, veth and all (only where a safe network can be had: root, nft)
+        networked = (await cold_starts("net", max(20, n_cold // 5), pool, prepared=2, net=True)
+                     if network.available else [])
 
         # warm: the same sandbox, invoke after invoke. 1769 MB buys a full core: at 128 MB the function's CPU
         # share (7% of a core) would throttle thousands of back-to-back invokes, and that is the limit, not overhead
@@ -119,10 +129,12 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
             await s.close()
             made += 1
         rate = made / (time.perf_counter() - began)
-        return {"cold": cold, "unprepared": unprepared, "warm": warm, "pss": pss, "rate": rate, "caps": caps}
+        return {"cold": cold, "unprepared": unprepared, "networked": networked, "warm": warm, "pss": pss,
+                "rate": rate, "caps": caps, "network": network.details()["with_network"]}
     finally:
         await pool.close()
         zygote.close()
+        network.close()
 
 
 def fresh_python(code: Path, n: int) -> list[float]:
@@ -198,6 +210,9 @@ def main() -> None:
         "cold_p99_ms": p99(res["cold"], 2),
         "cold_unprepared_p50_ms": p50(res["unprepared"], 2),
         "cold_unprepared_p99_ms": p99(res["unprepared"], 2),
+        "network_cold_p50_ms": p50(res["networked"], 2) if res["networked"] else None,
+        "network_cold_p99_ms": p99(res["networked"], 2) if res["networked"] else None,
+        "network": res["network"],
         "fresh_python_cold_p50_ms": p50(fresh, 2),
         "fresh_python_cold_p99_ms": p99(fresh, 2),
         "bwrap_cold_p50_ms": p50(bw, 2) if bw else None,

@@ -19,8 +19,9 @@ FORGET_UNHEALTHY_AFTER_S = 10.0  # a host unhealthy this long has lost its sandb
 REPORT_SUCCESSES = 10  # after a failure on a host, report this many successes so its error window can clear
 
 
-# what a host answering "no" says that is not the host's fault: it is full, or the code it was given is bad
-NOT_THE_HOSTS_FAULT = frozenset({Reason.WORKER_FULL, Reason.CODE_CORRUPTED})
+# what a host answering "no" says that is not the host's fault: it is full, the code it was given is bad, or it
+# cannot give a function with network a safe network (it is healthy for every other function)
+NOT_THE_HOSTS_FAULT = frozenset({Reason.WORKER_FULL, Reason.CODE_CORRUPTED, Reason.NO_SAFE_NETWORK})
 
 
 def counts_against_host(err: ServiceException) -> bool:

@@ -88,8 +88,14 @@ class ManagerService:
         self._destroy_all(self.state.retire_stale(key), why="configuration_changed")
         await self.view.refresh()
         full = 0  # hosts that said they had no room: all of them means no capacity, not sick hosts
+        refused: ServiceException | None = None  # a worker that cannot give a function with network its own
         for _ in range(3):
-            lease = await self._capacity_for(config, avoid)
+            try:
+                lease = await self._capacity_for(config, avoid)
+            except FlintError:
+                if refused is not None:
+                    raise refused from None  # what the tenant can act on, rather than "no capacity elsewhere"
+                raise
             # the sandbox's memory is taken on its lease before anything awaits: concurrent cold starts of a
             # big function cannot all land on the one lease that has room for one
             record = SandboxRecord(
@@ -107,6 +113,8 @@ class ManagerService:
                 if counts_against_host(err):
                     self._report(lease.node_id, ok=False)
                 full += err.reason == Reason.WORKER_FULL
+                if err.reason == Reason.NO_SAFE_NETWORK:
+                    refused = err
                 avoid.add(lease.node_id)
                 log.warning("sandbox.create_failed", target_node=lease.node_id, **error_fields(err))
                 continue
@@ -114,6 +122,8 @@ class ManagerService:
             log.info("sandbox.placed", function=config.name, target_node=lease.node_id, az=lease.az,
                      cold_ms=round(cold_ms, 1))
             return _reservation(record, cold=True, init_ms=created.init_ms)
+        if refused is not None:
+            raise refused
         if full == 3:
             raise no_capacity("every host tried is full")
         raise ServiceException("could not create a sandbox on any healthy worker; retry",

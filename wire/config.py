@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -88,6 +89,16 @@ class Settings:
     event_dlq_retention_s: float = 24 * 3600.0  # async: a dead letter stays this long, to be redriven
     tenant_code_storage_mb: int = 5120  # zipped code of all a tenant's function versions (Lambda: 75 GB an account)
     code_blob_grace_s: float = 300.0  # a code blob no version names any more leaves the control nodes this long after
+    # Sandboxes of functions with network (worker/network.py): each worker takes a block of this pool (the block
+    # is its own on the host; addresses never leave it: they are masqueraded). The default lies in 198.18.0.0/15,
+    # the benchmarking range, so it meets no real network; 198.19.0.0/16 is left for tests' "outside" servers.
+    sandbox_network_cidr: str = "198.18.0.0/16"
+    sandbox_network_prefix: int = 24  # the size of a worker's block: /24 = 254 sandboxes with network at once
+    sandbox_network_block: str = ""  # this worker's block, e.g. "198.18.7.0/24"; "": derived from its node id
+    # more networks sandboxes may not reach, e.g. the cluster's own (its control nodes, its node address, every
+    # node placement knows, loopback, link-local and the sandbox pool itself are always refused)
+    sandbox_network_refused: tuple[str, ...] = ()
+    sandbox_resolver: str = ""  # the nameserver sandboxes are told of: "" the host's first non-loopback one; "none"
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -101,6 +112,7 @@ class Settings:
             if not holds(self):
                 values = ", ".join(f"{f} = {getattr(self, f):g}" for f in fields)
                 raise ConfigError(f"{values}: {why}")
+        _check_sandbox_network(self)
         return self
 
 
@@ -120,6 +132,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "tenant_event_queue_mb": (1, 1_000_000), "tenant_dlq_mb": (1, 1_000_000),
     "event_done_retention_s": (1, 7 * 24 * 3600), "event_dlq_retention_s": (1, 14 * 24 * 3600),
     "tenant_code_storage_mb": (1, 75 * 1024), "code_blob_grace_s": (1, CODE_BLOB_GRACE_S_MAX),
+    "sandbox_network_prefix": (16, 30),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
@@ -138,6 +151,36 @@ _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
      "a frontend may still start the code a function just replaced for function_cache_ttl_s; raise "
      "code_blob_grace_s to at least that"),
 ]
+
+
+def _check_sandbox_network(s: Settings) -> None:
+    """The sandbox network's addresses: IPv4 networks that fit together."""
+    def network(name: str, text: str) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name} = {text!r}: not an IPv4 network ({exc})") from None
+
+    pool = network("sandbox_network_cidr", s.sandbox_network_cidr)
+    if s.sandbox_network_prefix < pool.prefixlen or s.sandbox_network_prefix - pool.prefixlen > 16:
+        raise ConfigError(f"sandbox_network_prefix = {s.sandbox_network_prefix}: a worker's block must lie in "
+                          f"sandbox_network_cidr = {pool} and it must hold at most 65536 blocks")
+    if s.sandbox_network_block:
+        block = network("sandbox_network_block", s.sandbox_network_block)
+        if not block.subnet_of(pool) or block.prefixlen != s.sandbox_network_prefix:
+            raise ConfigError(f"sandbox_network_block = {block}: it must be a /{s.sandbox_network_prefix} of "
+                              f"sandbox_network_cidr = {pool}")
+    for text in s.sandbox_network_refused:
+        refused = network("sandbox_network_refused", text)
+        if refused.overlaps(pool):
+            raise ConfigError(f"sandbox_network_refused holds {refused}, which overlaps sandbox_network_cidr = "
+                              f"{pool}: sandbox addresses must be apart from the networks they may not reach")
+    if s.sandbox_resolver not in ("", "none"):
+        try:
+            ipaddress.IPv4Address(s.sandbox_resolver)
+        except ValueError:
+            raise ConfigError(f"sandbox_resolver = {s.sandbox_resolver!r}: an IPv4 address, \"none\", or \"\" "
+                              "for the host's own nameserver") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +313,16 @@ def _sub(cls: type, raw: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {key} must be true or false")
             values[key] = value
+            continue
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string")
+            values[key] = value
+            continue
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+            values[key] = tuple(value)
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number")

@@ -35,6 +35,8 @@ class Reason(enum.StrEnum):
     ALREADY_STARTED = "AlreadyStarted"
     SHUTTING_DOWN = "ShuttingDown"  # the node is stopping: the request was refused before anything ran
     SANDBOX_RECLAIMED = "SandboxReclaimed"  # the platform stopped the sandbox mid-invoke: not the function's error
+    # a function with network, on a worker that cannot give it a network of its own (no root, no nftables)
+    NO_SAFE_NETWORK = "NoSafeNetwork"
     # replicated state (ServiceException)
     NOT_A_REPLICA = "NotAReplica"
     NO_QUORUM = "NoQuorum"

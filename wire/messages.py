@@ -160,7 +160,7 @@ class FunctionConfig(Message):
     code_sha256: str = text(64)
     code_size: int = integer(0, ZIP_MAX_BYTES, default=0)
     created_ms: int = integer(0, default=0)
-    network: bool = flag(default=False)  # the sandbox gets the host's network instead of none
+    network: bool = flag(default=False)  # the sandbox gets a network of its own with NAT (worker/network.py)
     maximum_retry_attempts: int = integer(0, RETRIES_MAX, default=RETRIES_MAX)
     maximum_event_age_s: int = integer(EVENT_AGE_S_MIN, EVENT_AGE_S_MAX, default=EVENT_AGE_S_MAX)
     last_modified_ms: int = integer(0, default=0)

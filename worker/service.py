@@ -31,6 +31,7 @@ from wire.server import Request
 from wire.tasks import Background
 from worker import isolation as iso
 from worker.cgroups import host_cgroups
+from worker.network import SandboxNetwork, no_safe_network
 from worker.sandbox import SandboxProcess
 from worker.slots import SlotPool
 from worker.state import (
@@ -65,6 +66,7 @@ class WorkerService:
         self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
         self.zygote = Zygote(self.caps, host.config.cores)
+        self.network = SandboxNetwork.for_node(host.config, self.caps)
         self.pool = self._new_pool()
         host.facts.isolation = self.caps.label()
         host.facts.isolation_details = self.caps.details()
@@ -80,6 +82,8 @@ class WorkerService:
         self.run_root.mkdir(parents=True, exist_ok=True)
         if not self.caps.full:
             log.warning("worker.partial_isolation", isolation=self.caps.label(), missing=self.caps.reasons)
+        await self.network.start()
+        self.host.facts.isolation_details = {**self.caps.details(), "network": self.network.details()}
         await self.zygote.start()
         self.pool.start()
         self._background.spawn(self._reap_orphans(), name="orphan-reaper")
@@ -99,17 +103,22 @@ class WorkerService:
             await self.close_all()
 
     async def close_all(self) -> None:
-        procs = list(self.processes.values())
-        self.processes.clear()
-        await asyncio.gather(*(p.close() for p in procs), return_exceptions=True)
-        await self.pool.close()
-        self.zygote.close()
+        try:
+            procs = list(self.processes.values())
+            self.processes.clear()
+            await asyncio.gather(*(p.close() for p in procs), return_exceptions=True)
+            await self.pool.close()
+            self.zygote.close()
+        finally:
+            self.network.close()  # even when the node's stop cancels the awaits above
 
     # --- handlers ------------------------------------------------------------------------------------------------
 
     async def create_sandbox(self, req: Request) -> m.SandboxCreated:
         msg = req.msg
         config = msg.config
+        if config.network and not self.network.available:  # never the host's network instead
+            raise no_safe_network(self.network.why)
         entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager, memory_mb=config.memory_mb)
         # the sandbox's place and memory are taken before anything awaits, so concurrent cold starts cannot
         # both pass the check: the host's limits hold however many arrive at once
@@ -127,6 +136,8 @@ class WorkerService:
         except Exception as exc:
             self.state.remove(msg.sandbox_id)
             log.exception("sandbox.start_failed", sandbox_id=msg.sandbox_id, function=config.name)
+            if isinstance(exc, FlintError):
+                raise  # already says why (its sandbox network's addresses all in use, say)
             raise ServiceException(f"could not start a sandbox on {self.host.node_id}: {exc}") from exc
         self.processes[msg.sandbox_id] = proc
         self.state.ready(msg.sandbox_id)
@@ -202,6 +213,7 @@ class WorkerService:
         while True:
             await asyncio.sleep(min(2.0, grace / 2))
             await view.refresh()
+            await self.network.refuse_peers(n.address for n in view.nodes)
             live = live_managers(view.nodes if view.last_error is None else None)
             for entry in watch.to_reap(self.state, live, time.monotonic()):
                 # checked again here: an earlier discard in this loop yielded, and the sandbox may be busy now
@@ -225,7 +237,7 @@ class WorkerService:
     def _new_pool(self) -> SlotPool:
         settings = self.host.config.settings
         return SlotPool(self.zygote, self.cgroups, self.run_root, size=settings.sandbox_pool,
-                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb)
+                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb, network=self.network)
 
     async def _discard(self, sandbox_id: str) -> bool:
         entry = self.state.remove(sandbox_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from worker.cgroups import Cgroups, SandboxCgroup
+from worker.network import SandboxLink, SandboxNetwork, no_safe_network
 from worker.zygote_client import Zygote
 
 log = structlog.get_logger("worker.slots")
@@ -50,19 +51,21 @@ class Slot:
     network: bool
     cgroup: SandboxCgroup | None
     pid: int = 0
+    link: SandboxLink | None = None  # its veth and address, with network (worker/network.py)
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
 
 
 class SlotPool:
     """Keeps `size` slots without network ready, so a cold start only binds code, pivots and drops privileges;
-    a slot with network (rare) is prepared when asked for."""
+    a slot with network (rare) is prepared when asked for, and wired by `network` (none: refused)."""
 
     _seq = itertools.count()
 
     def __init__(self, zygote: Zygote, cgroups: Cgroups | None, run_root: Path, *, size: int = 4,
-                 pids_max: int = 64, tmp_mb: int = 64):
+                 pids_max: int = 64, tmp_mb: int = 64, network: SandboxNetwork | None = None):
         self.zygote = zygote
+        self.network = network
         self.cgroups = cgroups if (cgroups is not None and cgroups.available and zygote.caps.root) else None
         self.run_root = run_root
         self.size = size
@@ -103,6 +106,8 @@ class SlotPool:
         return await self.prepare(network=network)
 
     async def prepare(self, network: bool) -> Slot:
+        if network and (self.network is None or not self.network.available):
+            raise no_safe_network(self.network.why if self.network else "no sandbox network on this pool")
         slot_id = f"slot-{os.getpid()}-{next(self._seq)}"
         run_dir = self.run_root / slot_id
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +121,7 @@ class SlotPool:
             "root_dir": str(run_dir / "root"),
             "binds": runtime_binds(),
             "network": network,
+            "resolv_conf": self.network.resolv_conf if network else None,
             "uid": UID_BASE + next(self._seq) % UID_SPAN,
             "tmp_mb": self.tmp_mb,
             "pids_max": self.pids_max,
@@ -127,6 +133,12 @@ class SlotPool:
             theirs.close()
             os.close(log_fd)
         slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours)
+        if network:
+            try:
+                slot.link = await self.network.attach(slot.pid)
+            except BaseException:
+                await self.discard(slot)
+                raise
         return slot
 
     def kill(self, slot: Slot) -> bool:
@@ -149,6 +161,9 @@ class SlotPool:
             except asyncio.TimeoutError:
                 pass
         self.zygote.forget(slot.slot_id)
+        if slot.link is not None and self.network is not None:
+            await self.network.detach(slot.link)
+            slot.link = None
         if slot.cgroup is not None:
             slot.cgroup.kill_all()
             await _remove_cgroup(slot.cgroup)

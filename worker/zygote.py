@@ -71,9 +71,8 @@ class Zygote:
 
     def _spawn(self, req: dict, fds: list[int]) -> None:
         if self.isolate:
-            flags = iso.CLONE_NEWNS | iso.CLONE_NEWIPC | iso.CLONE_NEWUTS | iso.CLONE_NEWPID
-            if not req.get("network"):
-                flags |= iso.CLONE_NEWNET
+            # a network namespace of its own always: with network, the worker wires a veth into it
+            flags = iso.CLONE_NEWNS | iso.CLONE_NEWIPC | iso.CLONE_NEWUTS | iso.CLONE_NEWPID | iso.CLONE_NEWNET
             pid = iso.fork_into_namespaces(flags)  # the child is pid 1 of its own pid namespace
         else:
             pid = os.fork()
@@ -179,11 +178,32 @@ def _build_root(req: dict) -> None:
             continue
         os.makedirs(dst, exist_ok=True)
         _bind_ro(src, dst)
+    if req.get("resolv_conf") is not None:
+        _place_resolv_conf(root, req["resolv_conf"])
     for d in ("/var/task", "/dev", "/proc", "/.old"):
         os.makedirs(root + d, exist_ok=True)
     for dev in ("null", "zero", "random", "urandom"):
         open(f"{root}/dev/{dev}", "w").close()
         iso.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, iso.MS_BIND)
+
+
+def _place_resolv_conf(root: str, content: str) -> None:
+    """A network sandbox's resolv.conf (worker/netplan.py sandbox_resolv_conf), bound over the host's in the
+    read-only /etc; followed if the host's is a symlink (its target then lives in this root's tmpfs)."""
+    src = root + "/.resolv.conf"
+    with open(src, "w") as f:
+        f.write(content)
+    os.chmod(src, 0o444)
+    dst = root + "/etc/resolv.conf"
+    if os.path.islink(dst):
+        dst = root + os.path.normpath(os.path.join("/etc", os.readlink(dst)))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if not os.path.exists(dst):
+        try:
+            open(dst, "w").close()
+        except OSError:
+            return  # no resolv.conf on the host and none can be made in its read-only /etc: no resolver
+    _bind_ro(src, dst)
 
 
 def _enter_root(req: dict, code_dir: str) -> None:

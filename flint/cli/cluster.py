@@ -48,7 +48,7 @@ def _settings(pairs: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError:
-            raise ConfigError(f"--set {pair!r}: {value!r} is not a number or true/false") from None
+            raise ConfigError(f"--set {pair!r}: {value!r} is not a number, true/false, a 'quoted' string or a list") from None
     _sub(Settings, out, "--set")
     return out
 

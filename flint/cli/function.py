@@ -23,7 +23,8 @@ def add_parser(commands: Commands) -> None:
     create.add_argument("--runtime", default="python3", choices=["python3", "provided"],
                         help="python3 (default), or provided: a custom runtime, ./bootstrap in the code")
     create.add_argument("--network", action="store_true",
-                        help="give the function the host's network (by default its sandbox has none)")
+                        help="give the function's sandboxes a network of their own, NAT to the outside, nothing of the "
+                             "cluster (by default they have none)")
     create.set_defaults(func=cmd_function_create)
     get = actions.add_parser("get", help="show a function's configuration")
     get.add_argument("name")

@@ -52,6 +52,8 @@ def test_cluster_up_set_takes_node_settings_and_refuses_what_node_toml_would():
         _settings(["keep_alive_s"])
     with pytest.raises(ConfigError, match="'soon' is not a number"):
         _settings(["keep_alive_s=soon"])
+    assert _settings(['sandbox_resolver="10.0.0.2"', 'sandbox_network_refused=["10.0.0.0/8"]']) == {
+        "sandbox_resolver": "10.0.0.2", "sandbox_network_refused": ["10.0.0.0/8"]}
 
 
 def test_the_default_settings_are_valid_together():
@@ -72,5 +74,31 @@ def test_the_default_settings_are_valid_together():
     ],
 )
 def test_settings_out_of_range_or_out_of_step_are_refused_naming_what_to_change(settings, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        NodeConfig.from_dict(good(settings=settings))
+
+
+def test_sandbox_network_settings_are_read_and_checked():
+    s = NodeConfig.from_dict(good(settings={"sandbox_network_refused": ["10.0.0.0/8"], "sandbox_resolver": "10.0.0.2",
+                                            "sandbox_network_block": "198.18.7.0/24"})).settings
+    assert s.sandbox_network_refused == ("10.0.0.0/8",) and s.sandbox_resolver == "10.0.0.2"
+    assert NodeConfig.from_dict(NodeConfig.from_dict(good(settings={"sandbox_network_refused": ["10.0.0.0/8"]}))
+                                .to_dict()).settings.sandbox_network_refused == ("10.0.0.0/8",)
+
+
+@pytest.mark.parametrize(
+    "settings, complaint",
+    [
+        ({"sandbox_network_cidr": "198.18.0.0/33"}, r"sandbox_network_cidr = '198.18.0.0/33': not an IPv4 network"),
+        ({"sandbox_network_cidr": 7}, r"sandbox_network_cidr must be a string"),
+        ({"sandbox_network_prefix": 12}, r"sandbox_network_prefix = 12: it must be between 16 and 30"),
+        ({"sandbox_network_cidr": "198.18.0.0/24", "sandbox_network_prefix": 16}, r"must lie in sandbox_network_cidr"),
+        ({"sandbox_network_block": "10.0.0.0/24"}, r"it must be a /24 of sandbox_network_cidr = 198.18.0.0/16"),
+        ({"sandbox_network_refused": ["198.18.0.0/15"]}, r"overlaps sandbox_network_cidr"),
+        ({"sandbox_network_refused": "10.0.0.0/8"}, r"must be a list of strings"),
+        ({"sandbox_resolver": "dns.example"}, r"an IPv4 address"),
+    ],
+)
+def test_sandbox_network_settings_that_cannot_work_are_refused(settings, complaint):
     with pytest.raises(ConfigError, match=complaint):
         NodeConfig.from_dict(good(settings=settings))
