@@ -263,10 +263,17 @@ def forwarding_before() -> str:
     return FORWARDING.read_text().strip()
 
 
+def allow_network(region) -> None:
+    """The operator lets the region's default tenant give its functions network access."""
+    with Client.from_region(region.root, operator=True) as operator:
+        operator.set_tenant_network("default", allowed=True)
+
+
 @pytest.fixture(scope="module")
 def region(tmp_path_factory, outside, forwarding_before):
     region = start_region(tmp_path_factory.mktemp("net"), settings={"keep_alive_s": 600,
                                                                     "sandbox_resolver": outside.addr})
+    allow_network(region)
     yield region
     region.down()
 
@@ -355,6 +362,7 @@ def test_a_worker_without_nftables_refuses_a_function_with_network_and_runs_the_
     against the host) - never run in the host's network - and a function without network runs as ever."""
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the node finds no nft (Debian installs it in /usr/sbin)
     region = start_region(tmp_path, nodes=1, azs=1)
+    allow_network(region)
     try:
         net = networks(region)["n1"]
         assert net["with_network"].startswith("refused (NoSafeNetwork)") and "nft" in net["with_network"], net
