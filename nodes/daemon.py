@@ -34,7 +34,8 @@ from wire.server import Request
 log = structlog.get_logger("node")
 
 EXIT_ROLE_FAILED = 3
-HAND_BACK_S = 3.0  # after the drain: credit and worker leases go back to their owners within this
+HAND_BACK_S = 3.0
+ROLE_STOP_S = 10.0  # a role told to stop gets this long to clean up after itself  # after the drain: credit and worker leases go back to their owners within this
 
 
 class InjectedCrash(Exception):
@@ -55,6 +56,12 @@ class RoleRunner:
         self.state = "running"
         try:
             done, _ = await asyncio.wait({role, fault}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # the node is stopping: the role must stop too, and get to run its own clean-up (sandboxes, slots,
+            # cgroups) before the node goes, not be dropped half way when the loop closes
+            role.cancel()
+            await asyncio.wait({role}, timeout=ROLE_STOP_S)
+            raise
         finally:
             fault.cancel()
         if fault in done and not role.done():
