@@ -157,6 +157,10 @@ class Invoker:
                 self._release(manager, config, res, request_id, ReleaseOutcome.GONE)
                 log.info("invoke.sandbox_stale", **error_fields(err))
                 continue
+            except FlintError as err:  # the worker refused or ended the run: the manager hears what became of it
+                gone = err.reason == Reason.SANDBOX_RECLAIMED
+                self._release(manager, config, res, request_id, ReleaseOutcome.GONE if gone else ReleaseOutcome.OK)
+                raise
             self._release(manager, config, res, request_id,
                           ReleaseOutcome.OK if out.sandbox_alive else ReleaseOutcome.GONE)
             return m.InvokeResult(status_code=200, request_id=request_id, executed_version=out.executed_version,

@@ -86,6 +86,15 @@ class ManagerService:
         if record is not None:
             return _reservation(record, cold=False)
         self._destroy_all(self.state.retire_stale(key), why="configuration_changed")
+        cap_mb = self.host.config.settings.tenant_sandbox_memory_mb
+        if cap_mb:
+            victims = self.state.make_room(config.tenant, config.memory_mb, cap_mb)
+            if victims is None:
+                raise TooManyRequestsException(
+                    f"Rate Exceeded. Your running sandboxes hold the {cap_mb} MB of memory your functions may use "
+                    "at this manager; retry when some finish, or ask your operator for more.",
+                    reason=Reason.TENANT_MEMORY)
+            self._destroy_all(victims, why="tenant_memory_cap")
         await self.view.refresh()
         full = 0  # hosts that said they had no room: all of them means no capacity, not sick hosts
         refused: ServiceException | None = None  # a worker that cannot give a function with network its own

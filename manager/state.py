@@ -270,6 +270,24 @@ class ManagerState:
     def placement_full(self, now: float) -> bool:
         return now < self._placement_full_until
 
+    def make_room(self, tenant: str, memory_mb: int, cap_mb: int) -> list[SandboxRecord] | None:
+        """Room for one more sandbox of `memory_mb` under a tenant's cap on the memory its sandboxes hold here:
+        the tenant's idle sandboxes to destroy for it (least recently used first; removed here), or None when even
+        all of them would not make room (its running ones hold the cap)."""
+        mine = [r for r in self.sandboxes.values() if r.function_key.startswith(f"{tenant}/")]
+        held = sum(r.memory_mb for r in mine)
+        victims = []
+        for record in sorted((r for r in mine if r.state == IDLE), key=lambda r: r.last_used):
+            if held + memory_mb <= cap_mb:
+                break
+            victims.append(record)
+            held -= record.memory_mb
+        if held + memory_mb > cap_mb:
+            return None
+        for record in victims:
+            self.remove(record.sandbox_id)
+        return victims
+
     # --- retiring sandboxes of a changed or deleted function ----------------------------------------------------
 
     def retire_stale(self, function_key: str) -> list[SandboxRecord]:

@@ -98,6 +98,9 @@ class Settings:
     # more networks sandboxes may not reach, e.g. the cluster's own (its control nodes, its node address, every
     # node placement knows, loopback, link-local and the sandbox pool itself are always refused)
     sandbox_network_refused: tuple[str, ...] = ()
+    # A tenant's sandboxes (warm or running) may hold at most this much memory at each manager; past it the
+    # manager first destroys the tenant's least recently used idle sandboxes, then refuses (429). 0: no cap.
+    tenant_sandbox_memory_mb: int = 0
     sandbox_resolver: str = ""  # the nameserver sandboxes are told of: "" the host's first non-loopback one; "none"
 
     def validate(self) -> Settings:
@@ -132,7 +135,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "tenant_event_queue_mb": (1, 1_000_000), "tenant_dlq_mb": (1, 1_000_000),
     "event_done_retention_s": (1, 7 * 24 * 3600), "event_dlq_retention_s": (1, 14 * 24 * 3600),
     "tenant_code_storage_mb": (1, 75 * 1024), "code_blob_grace_s": (1, CODE_BLOB_GRACE_S_MAX),
-    "sandbox_network_prefix": (16, 30),
+    "sandbox_network_prefix": (16, 30), "tenant_sandbox_memory_mb": (0, 100_000_000),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

@@ -34,6 +34,7 @@ class Reason(enum.StrEnum):
     ADMISSION_EXPIRED = "AdmissionExpired"
     ALREADY_STARTED = "AlreadyStarted"
     SHUTTING_DOWN = "ShuttingDown"  # the node is stopping: the request was refused before anything ran
+    TENANT_MEMORY = "TenantSandboxMemoryLimitExceeded"  # a throttle: the tenant's sandboxes hold their memory cap
     SANDBOX_RECLAIMED = "SandboxReclaimed"  # the platform stopped the sandbox mid-invoke: not the function's error
     # a function with network, on a worker that cannot give it a network of its own (no root, no nftables)
     NO_SAFE_NETWORK = "NoSafeNetwork"

@@ -185,3 +185,17 @@ def test_a_stopping_manager_gives_back_its_idle_sandboxes_and_the_leases_nothing
     idle, leases = s.hand_back()
     assert [r.sandbox_id for r in idle] == ["idle"] and [lease.lease_id for lease in leases] == ["L1"]
     assert list(s.leases) == ["L2"] and list(s.sandboxes) == ["busy"]  # what runs keeps its lease to the end
+
+
+def test_a_tenants_memory_cap_takes_its_idle_sandboxes_first_and_never_anothers():
+    s = ManagerState()
+    s.add_lease(lease("L1", "n1", "az1", mb=10_000), 0)
+    for i, (key, busy) in enumerate([("t/f/$LATEST/a", False), ("t/g/$LATEST/b", False), ("t/f/$LATEST/a", True),
+                                     ("u/f/$LATEST/c", False)]):
+        s.add(SandboxRecord(f"s{i}", key, "n1", "az1", "tcp://n1", state=BUSY if busy else IDLE, lease_id="L1",
+                            memory_mb=512, last_used=i), i)
+    assert [r.sandbox_id for r in s.make_room("t", 512, cap_mb=1536)] == ["s0"]  # its least recently used idle one
+    assert [r.sandbox_id for r in s.make_room("t", 1024, cap_mb=1536)] == ["s1"]
+    assert s.make_room("t", 2048, cap_mb=1536) is None  # its running sandbox alone leaves no room: refused ...
+    assert set(s.sandboxes) == {"s2", "s3"}  # ... and nothing more taken; the other tenant's sandbox untouched
+    assert s.make_room("u", 512, cap_mb=1024) == []  # room already
