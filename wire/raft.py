@@ -22,8 +22,9 @@ from typing import Any
 import structlog
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from wire.errors import FlintError, Reason, ServiceException, from_reply
+from wire.errors import FlintError, Reason, RequestTooLargeException, ServiceException, from_reply
 from wire.messages import RaftStatus
+from wire.raft_transport import COMMAND_MAX_BYTES, MiB, GuardedTransport
 
 log = structlog.get_logger("raft")
 
@@ -120,13 +121,19 @@ class RaftGroup:
             onStateChanged=on_state_change,
             **RAFT_TUNING,
         )
-        self.sync = SyncObj(config.self_address, config.peers, conf, consumers=[self.machine])
+        self.sync = SyncObj(config.self_address, config.peers, conf, consumers=[self.machine],
+                            transportClass=GuardedTransport)  # bounds what a peer may send (wire/raft_transport.py)
         log.info("raft.started", group=config.name, address=config.self_address, peers=config.peers)
 
     async def submit(
         self, op: str, args: dict[str, Any], *, request_id: str, timeout_s: float = 3.0
     ) -> Any:
         """Commit `op(**args)` and return its result, or raise the error it raised on the replicas."""
+        size = COMMAND_ENVELOPE_BYTES + _encoded_size(args)
+        if size > COMMAND_MAX_BYTES:  # a peer would refuse the frame that carries it (wire/raft_transport.py)
+            raise RequestTooLargeException(
+                f"the {self.config.name} command {op} is about {size / MiB:.1f} MiB; a replicated command may be at "
+                f"most {COMMAND_MAX_BYTES // MiB} MiB")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         last_reason = "no attempt"
@@ -261,6 +268,25 @@ class RaftGroup:
         for suffix in ("journal", "dump", "journal.meta"):
             for path in self.config.data_dir.glob(f"{self.config.name}.{suffix}*"):
                 path.unlink(missing_ok=True)
+
+
+def _encoded_size(value: Any) -> int:
+    """About the bytes pysyncobj pickles `value` into, erring high: what a command's arguments weigh. Its pickle
+    (protocol 2) writes a bytes value as a call that decodes latin-1 text written in UTF-8, so each byte >= 0x80 as
+    two."""
+    if isinstance(value, (bytes, bytearray)):
+        return 64 + len(value) + len(value.translate(None, _ASCII))
+    if isinstance(value, str):
+        return 16 + len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return 16 + sum(_encoded_size(k) + _encoded_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return 16 + sum(_encoded_size(v) for v in value)
+    return 16
+
+
+_ASCII = bytes(range(128))
+COMMAND_ENVELOPE_BYTES = 512  # what a command adds to its arguments: the method's number, request id, time, op name
 
 
 def _settle(fut: asyncio.Future, result: Any, err: int) -> None:
