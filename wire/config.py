@@ -74,6 +74,12 @@ class Settings:
     event_retry_backoff_s: float = 60.0  # async: the wait before a retry after a function error (doubles)
     event_visibility_s: float = 60.0  # async: a taken event reappears this long after its poller went quiet
     event_pollers: int = 16  # async: executions of queued events one frontend runs at once
+    # Raft log compaction: a replica dumps its state (raft/<group>.dump) and cuts its journal to what follows, when
+    # its log holds this many entries, this long after its last dump, or this much was appended since, first of the
+    # three. A dump stalls the group's tick thread for about 1 ms per MB of state.
+    raft_compaction_entries: int = 20_000
+    raft_compaction_interval_s: float = 60.0
+    raft_compaction_mb: int = 64
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -102,6 +108,9 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "credit_lease_s": (4 * SKEW_MARGIN_S, 60), "cold_start_allowance_s": (0, TIMEOUT_S_MAX),
     "default_tenant_limit": (0, 1_000_000), "unreserved_min": (0, 1_000_000),
     "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
+    # pysyncobj needs at least 2 entries; its journal addresses records with 32 bits, so it must stay well under 4 GiB
+    "raft_compaction_entries": (100, 10_000_000), "raft_compaction_interval_s": (1, 24 * 3600),
+    "raft_compaction_mb": (1, 1024),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [
