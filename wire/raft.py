@@ -26,7 +26,7 @@ from wire.config import DEFAULTS
 from wire.errors import FlintError, Reason, RequestTooLargeException, ServiceException, from_reply
 from wire.messages import RaftStatus
 from wire.raft_storage import DumpFile, install_journal, journal_at
-from wire.raft_transport import COMMAND_MAX_BYTES, MiB, GuardedTransport
+from wire.raft_transport import COMMAND_MAX_BYTES, GuardedTransport, MiB
 
 log = structlog.get_logger("raft")
 

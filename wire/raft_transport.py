@@ -11,7 +11,8 @@ service of the node stalls. `GuardedTransport` puts a `FrameGuard` between each 
 - after that, a frame may announce at most FRAME_MAX_BYTES;
 - a connection that has not finished the handshake within HANDSHAKE_TIMEOUT_S is closed, and at most
   PENDING_HANDSHAKES_MAX may be pending at once (the oldest goes first).
-A connection that breaks a bound is reset at once and logged (one line per peer host per REFUSAL_LOG_EVERY_S).
+A connection that breaks a bound is reset at once and logged (one line per port and peer host per
+REFUSAL_LOG_EVERY_S).
 
 pysyncobj has no hook for a connection's reads, so the guard wraps the socket object a `TcpConnection` keeps in
 its private `_TcpConnection__socket`: the one place this module reaches inside pysyncobj, checked when a
@@ -164,11 +165,7 @@ class GuardedTransport(TCPTransport):
 
     def _onNewIncomingConnection(self, conn: TcpConnection) -> None:
         super()._onNewIncomingConnection(conn)
-        sock = _socket_of(conn)
-        try:
-            peer = "%s:%s" % sock.getpeername()[:2]
-        except OSError:
-            peer = "unknown"
+        peer = _peer_of(conn)
         frames = 2 if self._syncObj.encryptor else 1  # the peer's key, then its address sealed with ours
         self._install(conn, FrameGuard(peer, handshake_frames=frames, opened=time.monotonic()))
         pending = sorted((g.opened, id(c), c) for c, g in self._guards.items() if _pending(g))
@@ -187,11 +184,7 @@ class GuardedTransport(TCPTransport):
     # --- connections this node opened ----------------------------------------------------------------------------
 
     def _onOutgoingConnected(self, conn: TcpConnection) -> None:
-        sock = _socket_of(conn)
-        try:
-            peer = "%s:%s" % sock.getpeername()[:2]
-        except OSError:
-            peer = "unknown"
+        peer = _peer_of(conn)
         # The peer's first message (its key) comes sealed with our fresh key; without the secret nothing is sealed.
         self._install(conn, FrameGuard(peer, handshake_frames=1, opened=time.monotonic(),
                                        authenticated=not self._syncObj.encryptor))
@@ -246,6 +239,14 @@ def _pending(guard: FrameGuard) -> bool:
 
 def _socket_of(conn: TcpConnection) -> Any:
     return getattr(conn, "_TcpConnection__socket", None)
+
+
+def _peer_of(conn: TcpConnection) -> str:
+    try:
+        host, port = _socket_of(conn).getpeername()[:2]
+    except (OSError, AttributeError):
+        return "unknown"
+    return f"{host}:{port}"
 
 
 def _check_pysyncobj() -> None:

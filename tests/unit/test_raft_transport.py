@@ -9,6 +9,7 @@ import struct
 import time
 
 import pytest
+import structlog
 import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import TcpConnection
 
 from tests.conftest import fresh_base_ip
+from tests.support.wait import wait_until_async
 from tests.unit.test_raft import close, make_group, wait_leader
 from wire.errors import RequestTooLargeException
 from wire.raft import COMMAND_ENVELOPE_BYTES, _encoded_size
@@ -130,7 +132,7 @@ def hostile(address: str, data: bytes, wait_s: float = 3.0) -> float:
             sock.sendall(data)
             while sock.recv(65536):
                 pass
-        except socket.timeout:
+        except TimeoutError:
             return float("inf")
         except OSError:
             pass
@@ -153,6 +155,29 @@ def test_a_flooded_replica_cuts_the_flood_and_keeps_its_term(tmp_path):
             for i in range(20):
                 assert await groups[i % 3].submit("add", {"value": i}, request_id=f"r{i}") == i + 1
             assert [g.status().term for g in groups] == terms
+        finally:
+            close(groups)
+
+    uvloop.run(run())
+
+
+def test_a_node_with_another_secret_is_cut_off_and_named(tmp_path):
+    async def run():
+        groups = make_group(tmp_path, fresh_base_ip())
+        try:
+            await wait_leader(groups)
+            host, port = groups[0].config.self_address.rsplit(":", 1)
+            with structlog.testing.capture_logs() as logs, socket.create_connection((host, int(port))) as sock:
+                stranger = TcpConnection(poller=createPoller("poll"), socket=sock)
+                stranger.encryptor = getEncryptor("another region's secret")
+                stranger.send(os.urandom(32))  # pysyncobj's first handshake message, sealed with the wrong secret
+                sock.settimeout(3)
+                assert sock.recv(1) == b""  # closed
+                await wait_until_async(lambda: [e for e in logs if e["event"] == "raft.peer_refused"], 3,
+                                       what="the refusal to be logged")
+            refusal = next(e for e in logs if e["event"] == "raft.peer_refused")
+            assert refusal["peer"].startswith("127.") and "cluster secret" in refusal["error"]
+            assert refusal["port"] == groups[0].config.self_address and refusal["error_type"] == "FrameRefused"
         finally:
             close(groups)
 
