@@ -156,7 +156,10 @@ class Node:
                                                 hold_down_s=c.settings.hold_down_s,
                                                 tick_interval_s=c.settings.heartbeat_interval_s),
         }
-        cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir))
+        cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir),
+                          compaction_entries=c.settings.raft_compaction_entries,
+                          compaction_interval_s=c.settings.raft_compaction_interval_s,
+                          compaction_mb=c.settings.raft_compaction_mb)
         host.groups[group] = RaftGroup(cfg, states[group]())
         return host.groups[group]
 

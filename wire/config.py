@@ -102,6 +102,12 @@ class Settings:
     # manager first destroys the tenant's least recently used idle sandboxes, then refuses (429). 0: no cap.
     tenant_sandbox_memory_mb: int = 0
     sandbox_resolver: str = ""  # the nameserver sandboxes are told of: "" the host's first non-loopback one; "none"
+    # Raft log compaction: a replica dumps its state (raft/<group>.dump) and cuts its journal to what follows, when
+    # its log holds this many entries, this long after its last dump, or this much was appended since, first of the
+    # three. A dump stalls the group's tick thread for about 1 ms per MB of state.
+    raft_compaction_entries: int = 20_000
+    raft_compaction_interval_s: float = 60.0
+    raft_compaction_mb: int = 64
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -136,6 +142,9 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "event_done_retention_s": (1, 7 * 24 * 3600), "event_dlq_retention_s": (1, 14 * 24 * 3600),
     "tenant_code_storage_mb": (1, 75 * 1024), "code_blob_grace_s": (1, CODE_BLOB_GRACE_S_MAX),
     "sandbox_network_prefix": (16, 30), "tenant_sandbox_memory_mb": (0, 100_000_000),
+    # pysyncobj needs at least 2 entries; its journal addresses records with 32 bits, so it must stay well under 4 GiB
+    "raft_compaction_entries": (100, 10_000_000), "raft_compaction_interval_s": (1, 24 * 3600),
+    "raft_compaction_mb": (1, 1024),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

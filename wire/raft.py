@@ -22,8 +22,11 @@ from typing import Any
 import structlog
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from wire.errors import FlintError, Reason, ServiceException, from_reply
+from wire.config import DEFAULTS
+from wire.errors import FlintError, Reason, RequestTooLargeException, ServiceException, from_reply
 from wire.messages import RaftStatus
+from wire.raft_storage import DumpFile, install_journal, journal_at
+from wire.raft_transport import COMMAND_MAX_BYTES, GuardedTransport, MiB
 
 log = structlog.get_logger("raft")
 
@@ -99,6 +102,10 @@ class GroupConfig:
     peers: list[str]  # host:port of the other replicas
     data_dir: Path
     password: str
+    # Log compaction (a dump of the state, then the journal cut down to what follows it): whichever comes first.
+    compaction_entries: int = DEFAULTS.raft_compaction_entries
+    compaction_interval_s: float = DEFAULTS.raft_compaction_interval_s
+    compaction_mb: int = DEFAULTS.raft_compaction_mb
 
 
 class RaftGroup:
@@ -108,25 +115,46 @@ class RaftGroup:
         self.config = config
         self.machine = StateMachine(state)
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        dump = DumpFile(config.name, self.machine)
+        journal_path = str(config.data_dir / f"{config.name}.journal")
         conf = SyncObjConf(
             password=config.password,
             bindAddress=config.self_address,  # without it pysyncobj binds 0.0.0.0: its pickle port must stay private
-            journalFile=str(config.data_dir / f"{config.name}.journal"),
+            journalFile=journal_path,
             fullDumpFile=str(config.data_dir / f"{config.name}.dump"),
+            serializer=dump.serialize,  # plain pickle: pysyncobj's gzip-9 dump stalls Raft past its timeouts
+            deserializer=dump.deserialize,
             dynamicMembershipChange=True,
             useFork=False,  # never fork a process that runs an event loop, ZeroMQ threads and sandboxes
-            logCompactionMinEntries=20_000,
-            logCompactionMinTime=60,
+            logCompactionMinEntries=config.compaction_entries,
+            logCompactionMinTime=config.compaction_interval_s,
             onStateChanged=on_state_change,
             **RAFT_TUNING,
         )
-        self.sync = SyncObj(config.self_address, config.peers, conf, consumers=[self.machine])
+        install_journal()  # the journal file shrinks when the log is compacted (wire/raft_storage.py)
+        self.sync = SyncObj(config.self_address, config.peers, conf, consumers=[self.machine],
+                            transportClass=GuardedTransport)  # bounds what a peer may send (wire/raft_transport.py)
+        self._journal = journal_at(journal_path)
+        self.sync.addOnTickCallback(self._compact_when_big)
         log.info("raft.started", group=config.name, address=config.self_address, peers=config.peers)
+
+    def _compact_when_big(self) -> None:
+        """On the tick thread: compact once compaction_mb of commands went into the journal since it was last cut
+        (pysyncobj itself only counts entries and time)."""
+        journal = self._journal
+        if journal is not None and journal.appended_bytes > self.config.compaction_mb * MiB:
+            journal.appended_bytes = 0  # at most one forced compaction per compaction_mb appended
+            self.sync.forceLogCompaction()
 
     async def submit(
         self, op: str, args: dict[str, Any], *, request_id: str, timeout_s: float = 3.0
     ) -> Any:
         """Commit `op(**args)` and return its result, or raise the error it raised on the replicas."""
+        size = COMMAND_ENVELOPE_BYTES + _encoded_size(args)
+        if size > COMMAND_MAX_BYTES:  # a peer would refuse the frame that carries it (wire/raft_transport.py)
+            raise RequestTooLargeException(
+                f"the {self.config.name} command {op} is about {size / MiB:.1f} MiB; a replicated command may be at "
+                f"most {COMMAND_MAX_BYTES // MiB} MiB")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         last_reason = "no attempt"
@@ -261,6 +289,25 @@ class RaftGroup:
         for suffix in ("journal", "dump", "journal.meta"):
             for path in self.config.data_dir.glob(f"{self.config.name}.{suffix}*"):
                 path.unlink(missing_ok=True)
+
+
+def _encoded_size(value: Any) -> int:
+    """About the bytes pysyncobj pickles `value` into, erring high: what a command's arguments weigh. Its pickle
+    (protocol 2) writes a bytes value as a call that decodes latin-1 text written in UTF-8, so each byte >= 0x80 as
+    two."""
+    if isinstance(value, (bytes, bytearray)):
+        return 64 + len(value) + len(value.translate(None, _ASCII))
+    if isinstance(value, str):
+        return 16 + len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return 16 + sum(_encoded_size(k) + _encoded_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return 16 + sum(_encoded_size(v) for v in value)
+    return 16
+
+
+_ASCII = bytes(range(128))
+COMMAND_ENVELOPE_BYTES = 512  # what a command adds to its arguments: the method's number, request id, time, op name
 
 
 def _settle(fut: asyncio.Future, result: Any, err: int) -> None:
