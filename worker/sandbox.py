@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import signal
 import struct
@@ -21,6 +20,7 @@ from typing import Any
 import msgpack
 
 from wire import messages as m
+from worker.replies import InvalidResponse, error_json, frame_length, init_reply, invalid_response, invoke_reply
 from worker.slots import Slot, SlotPool
 
 INIT_TIMEOUT_S = 10.0  # Lambda allows 10 s of init
@@ -68,17 +68,18 @@ class SandboxProcess:
                         "memory_mb": config.memory_mb})
         if config.runtime == "python3":
             try:
-                first = await asyncio.wait_for(sandbox._read(), INIT_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
+                sandbox.init_error = init_reply(await asyncio.wait_for(sandbox._read(), INIT_TIMEOUT_S))
+            except InvalidResponse as exc:  # the function's init code wrote on the channel
+                sandbox.kill()
+                sandbox.init_error = invalid_response("init", str(exc))
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 timed_out = sandbox.alive
                 sandbox.kill()
-                first = {"t": "init_error", "error": {
+                sandbox.init_error = {
                     "errorType": "Sandbox.Timedout" if timed_out else "Runtime.ExitError",
                     "errorMessage": "the runtime hung during init (10 s)" if timed_out
                     else "the runtime exited during init; see the log tail",
-                }}
-            if first.get("t") != "ready":
-                sandbox.init_error = first.get("error") or {"errorType": "Runtime.Unknown", "errorMessage": repr(first)}
+                }
         if slot.cgroup is not None:
             slot.cgroup.limit_cpu(config.memory_mb, pool.zygote.cores)
         sandbox.init_ms = (time.perf_counter() - began) * 1000
@@ -100,15 +101,18 @@ class SandboxProcess:
         try:
             async with asyncio.timeout(timeout_s):  # no extra task per invoke, unlike wait_for
                 if self.config.runtime == "provided":
-                    reply = await self._custom(request_id, deadline_ms, payload)
+                    reply = invoke_reply(await self._custom(request_id, deadline_ms, payload))
                 else:
                     self._write({"t": "invoke", "id": request_id, "deadline_ms": deadline_ms, "payload": payload,
                                  "log_tail": log_tail})
-                    reply = await self._read()
+                    reply = invoke_reply(await self._read())
         except TimeoutError:
             self.kill()
             return self._timed_out(request_id, timeout_s, log_tail)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        except InvalidResponse as exc:  # the handler wrote on the channel itself: its own reply may follow
+            self.kill()
+            return self._failure(invalid_response(request_id, str(exc)), log_tail)
+        except (asyncio.IncompleteReadError, ConnectionError):
             if time.time() * 1000 >= deadline_ms:  # it ended itself at its deadline (bootstrap OVERRUN_GRACE_S)
                 self.kill()
                 return self._timed_out(request_id, timeout_s, log_tail)
@@ -119,22 +123,24 @@ class SandboxProcess:
                 "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: {status}"
                 + (f" (out of memory: the function used all of its {self.config.memory_mb} MB)" if oom else ""),
             }, log_tail)
-        tail = reply.get("log") if log_tail else None
+        tail = reply.log if log_tail else None
         if self.config.runtime == "provided" and log_tail:
             tail = self.read_log_tail()
         stray = self.cgroup is not None and len(self.cgroup.pids()) > self.baseline_pids
-        if reply.get("t") == "result":
-            return Outcome(reply.get("payload") or b"null", None, tail, alive=not stray)
-        if reply.get("retire"):
+        if reply.retire:
             self.kill()
-        return Outcome(_json(reply.get("error") or {}), "Unhandled", tail, alive=not stray and not reply.get("retire"))
+        return Outcome(reply.payload, "Unhandled" if reply.function_error else None, tail,
+                       alive=not stray and not reply.retire)
 
     async def _custom(self, request_id: str, deadline_ms: int, payload: bytes) -> dict[str, Any]:
         """The custom runtime protocol: one line in, one line out (README, Custom runtimes)."""
         assert self.writer is not None and self.reader is not None
-        event = (payload or b"{}").decode().replace("\n", " ")
+        event = (payload or b"{}").decode(errors="replace").replace("\n", " ")
         self.writer.write(f"{request_id} {deadline_ms} {event}\n".encode())
-        line = (await self.reader.readline()).decode(errors="replace").rstrip("\n")
+        try:
+            line = (await self.reader.readline()).decode(errors="replace").rstrip("\n")
+        except ValueError as exc:  # a line past the reader's limit (worker/slots.py: a response's size, and more)
+            raise InvalidResponse(f"it wrote a line longer than a response may be ({exc})") from None
         if not line:
             raise asyncio.IncompleteReadError(b"", None)
         kind, _, rest = line.partition(" ")
@@ -158,7 +164,7 @@ class SandboxProcess:
         }, log_tail)
 
     def _failure(self, error: dict[str, Any], log_tail: bool) -> Outcome:
-        return Outcome(_json(error), "Unhandled", self.read_log_tail() if log_tail else None, alive=False)
+        return Outcome(error_json(error), "Unhandled", self.read_log_tail() if log_tail else None, alive=False)
 
     async def _exit_status(self) -> str:
         fut = self.zygote.exits.get(self.slot.slot_id)
@@ -190,16 +196,15 @@ class SandboxProcess:
         body = msgpack.packb(msg, use_bin_type=True)
         self.writer.write(struct.pack(">I", len(body)) + body)
 
-    async def _read(self) -> dict[str, Any]:
+    async def _read(self) -> Any:
+        """One message as the sandbox sent it: anything msgpack can hold. worker/replies.py judges it."""
         assert self.reader is not None
         head = await self.reader.readexactly(4)
-        (n,) = struct.unpack(">I", head)
-        if n > 16 * 1024 * 1024:
-            raise ValueError("sandbox sent an oversized frame")
-        msg = msgpack.unpackb(await self.reader.readexactly(n), raw=False)
-        if not isinstance(msg, dict):
-            raise ValueError("sandbox sent a malformed frame")
-        return msg
+        body = await self.reader.readexactly(frame_length(struct.unpack(">I", head)[0]))
+        try:
+            return msgpack.unpackb(body, raw=False)
+        except Exception as exc:  # msgpack's errors, bad UTF-8, unhashable keys: all the sender's
+            raise InvalidResponse(f"it sent a frame that is not msgpack ({type(exc).__name__}: {exc})"[:300]) from None
 
     # --- ending --------------------------------------------------------------------------------------------------
 
@@ -231,7 +236,3 @@ def sandbox_environment(sandbox_id: str, config: m.FunctionConfig, tmp: str) -> 
     for key, value in config.environment.items():
         env.setdefault(key, value)
     return env
-
-
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj).encode()

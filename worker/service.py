@@ -24,7 +24,8 @@ from wire.server import Request
 from wire.tasks import Background
 from worker import isolation as iso
 from worker.cgroups import host_cgroups
-from worker.sandbox import SandboxProcess
+from worker.replies import error_json, invalid_response
+from worker.sandbox import Outcome, SandboxProcess
 from worker.slots import SlotPool
 from worker.state import IDLE, CodeCache, OrphanWatch, SandboxEntry, WorkerState, live_managers
 from worker.zygote_client import Zygote
@@ -142,16 +143,15 @@ class WorkerService:
         outcome = await proc.invoke(msg.request_id, msg.payload or b"", msg.log_tail, max_s)
         if self._journal is not None:
             self._journal.write(f"E {time.monotonic():.6f} {msg.request_id}\n")
-        if outcome.alive and proc.alive:
+        result = _run_result(proc, msg.request_id, outcome)
+        if result.sandbox_alive and proc.alive:
             self.state.end(msg.sandbox_id, self.host.now())
             self._tell_manager(entry, msg.request_id, ReleaseOutcome.OK)
         else:
             await self._discard(msg.sandbox_id)
             self._tell_manager(entry, msg.request_id, ReleaseOutcome.GONE)
-            log.info("sandbox.retired", why=outcome.payload[:200].decode(errors="replace"))
-        return m.RunResult(executed_version=proc.config.version, sandbox_alive=outcome.alive,
-                           function_error=outcome.function_error or None, log_tail=outcome.log,
-                           payload=outcome.payload)
+            log.info("sandbox.retired", why=(result.payload or b"")[:200].decode(errors="replace"))
+        return result
 
     async def destroy_sandbox(self, req: Request) -> m.Destroyed:
         return m.Destroyed(destroyed=await self._discard(req.msg.sandbox_id))
@@ -233,6 +233,21 @@ class WorkerService:
                 shutil.rmtree(self.code_root / old, ignore_errors=True)
             log.info("code.cached", code_sha256=digest, bytes=size, ms=round((time.perf_counter() - began) * 1000, 1))
             return path
+
+
+def _run_result(proc: SandboxProcess, request_id: str, outcome: Outcome) -> m.RunResult:
+    """The reply to the frontend, checked as the frontend will decode it. The sandbox's reply was checked
+    already (worker/replies.py); should anything still not fit, it is the invoke's InvalidResponse and the
+    sandbox is retired: never a reply the worker cannot send, which the frontend would take for a lost host."""
+    result = m.RunResult(executed_version=proc.config.version, sandbox_alive=outcome.alive,
+                         function_error=outcome.function_error or None, log_tail=outcome.log, payload=outcome.payload)
+    try:
+        return result.checked()
+    except FlintError as err:
+        log.error("sandbox.reply_unusable", **error_fields(err))
+        proc.kill()
+        return m.RunResult(executed_version=proc.config.version, sandbox_alive=False, function_error="Unhandled",
+                           payload=error_json(invalid_response(request_id, err.message)))
 
 
 def _du(path: Path) -> int:

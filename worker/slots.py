@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from wire.messages import SYNC_PAYLOAD_MAX_BYTES
 from worker.cgroups import Cgroups, SandboxCgroup
 from worker.zygote_client import Zygote
 
@@ -28,6 +29,7 @@ log = structlog.get_logger("worker.slots")
 SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/etc")
 UID_BASE = 100_000  # sandboxes run as uids UID_BASE.. UID_BASE+UID_SPAN, one per live sandbox
 UID_SPAN = 50_000
+LINE_MAX_BYTES = SYNC_PAYLOAD_MAX_BYTES + 64 * 1024  # RESULT, the request id, and the response itself
 
 
 def runtime_binds() -> list[str]:
@@ -126,7 +128,8 @@ class SlotPool:
         finally:
             theirs.close()
             os.close(log_fd)
-        slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours)
+        # a custom runtime's result is one line: the reader's limit must hold the largest response
+        slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_MAX_BYTES)
         return slot
 
     def kill(self, slot: Slot) -> bool:

@@ -18,7 +18,7 @@ PACKAGES = ("wire", *SERVICES, "nodes", "flint")
 # the modules that hold a service's rules: plain objects, time passed in
 STATE_ONLY = {
     "frontend.state", "frontend.credits", "manager.state", "manager.health", "counting.state", "placement.state",
-    "registry.state", "registry.events", "worker.state",
+    "registry.state", "registry.events", "worker.state", "worker.replies",
 }
 # what one service may import of another
 SHARED = {"client", "package"}

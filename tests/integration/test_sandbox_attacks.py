@@ -1,0 +1,229 @@
+"""A hostile tenant's handler against its host and the other tenants: forged replies on its control channel,
+what it inherits from the zygote, io_uring and odd socket families, what of the host it can read, and CPU burnt
+while idle. On real worker pieces (zygote, slot pool, sandbox: tests/support/sandbox.py) and on a real one-node
+region (so every cold start lands on the same worker). Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flint import Client
+from tests.conftest import start_region
+from tests.support.sandbox import Harness
+from wire import messages as m
+
+ATTACKS = textwrap.dedent(
+    '''
+    import ctypes, errno, fcntl, os, signal, socket, stat, struct, threading, time
+    import msgpack
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def ok(event, context):
+        return {"fine": True, "event": event}
+
+    def descriptors(kind):
+        out = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if kind(os.fstat(int(name)).st_mode):
+                    out.append(int(name))
+            except OSError:
+                pass
+        return sorted(out)
+
+    FORGED = {
+        "unencodable": lambda: {"t": "result", "payload": "text where the worker expects bytes"},
+        "ext": lambda: {"t": "result", "payload": msgpack.ExtType(7, b"x")},
+        "log": lambda: {"t": "result", "payload": b"1", "log": {"not": "text"}},
+        "error": lambda: {"t": "error", "error": {"errorType": b"\\xff", "errorMessage": ["x"]}},
+        "kind": lambda: {"t": "no such reply"},
+        "oversized": lambda: {"t": "result", "payload": b"1" * (7 * 1024 * 1024)},
+    }
+
+    def forge(event, context):
+        """Write a reply of our own on the control channel (the one socket we hold), then return normally."""
+        kind = event["kind"]
+        if kind == "garbage":
+            frame = struct.pack(">I", 16) + b"\\xc1" * 16
+        elif kind == "array":
+            body = msgpack.packb([1, 2, 3])
+            frame = struct.pack(">I", len(body)) + body
+        elif kind == "claims_64_mb":
+            frame = struct.pack(">I", 64 * 1024 * 1024) + b"x" * 100
+        else:
+            body = msgpack.packb(FORGED[kind](), use_bin_type=True)
+            frame = struct.pack(">I", len(body)) + body
+        os.write(descriptors(stat.S_ISSOCK)[0], frame)
+        return {"honest": "a reply after the forged one"}
+
+    def clog(event, context):
+        """Keep every pipe we inherited full from a thread, in blocking mode: the zygote's signal wake-up pipe
+        among them, if we got it. At its next SIGCHLD the zygote's handler then writes into a full pipe it
+        believes non-blocking, and blocks for good."""
+        def fill(fd):
+            os.set_blocking(fd, True)
+            while True:
+                os.write(fd, b"x" * 65536)
+        pipes = []
+        for fd in descriptors(stat.S_ISFIFO):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+                threading.Thread(target=fill, args=(fd,), daemon=True).start()
+                pipes.append(fd)
+        return {"clogging": pipes}
+
+    def leave(event, context):
+        os._exit(3)
+
+    def inherited(event, context):
+        handlers = {}
+        for sig in signal.valid_signals():
+            if isinstance(sig, signal.Signals) and sig not in (signal.SIGKILL, signal.SIGSTOP):
+                h = signal.getsignal(sig)
+                if h not in (signal.SIG_DFL, None):
+                    handlers[sig.name] = getattr(h, "__name__", repr(h))
+        return {"fds": sorted(int(n) for n in os.listdir("/proc/self/fd")), "handlers": handlers,
+                "wakeup_fd": signal.set_wakeup_fd(-1), "blocked": sorted(s.name for s in signal.pthread_sigmask(
+                    signal.SIG_BLOCK, []))}
+
+    def attempt(fn):
+        try:
+            return "allowed: " + repr(fn())
+        except OSError as exc:
+            return f"refused: {errno.errorcode.get(exc.errno, exc.errno)}"
+
+    def syscall(number, *args):
+        result = libc.syscall(ctypes.c_long(number), *args)
+        if result == -1:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        os.close(result) if number == 425 else None
+        return result
+
+    def refused(event, context):
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params
+        return {
+            "io_uring_setup": attempt(lambda: syscall(425, ctypes.c_uint(8), params)),
+            "io_uring_enter": attempt(lambda: syscall(426, ctypes.c_int(0), ctypes.c_uint(0), ctypes.c_uint(0),
+                                                      ctypes.c_uint(0), None, ctypes.c_size_t(0))),
+            "io_uring_register": attempt(lambda: syscall(427, ctypes.c_int(0), ctypes.c_uint(0), None,
+                                                         ctypes.c_uint(0))),
+            "vsock": attempt(lambda: socket.socket(40, socket.SOCK_STREAM).close()),  # AF_VSOCK
+            "netlink_route": attempt(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()),
+            "netlink_audit": attempt(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9).close()),
+            "unix": attempt(lambda: socket.socketpair(socket.AF_UNIX)[0].close()),
+            "inet": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
+        }
+
+    def host_view(event, context):
+        import pwd
+        read = lambda p: open(p, "rb").read().decode(errors="replace") if os.path.exists(p) else None
+        return {
+            "etc": sorted(os.listdir("/etc")), "passwd": read("/etc/passwd"), "group": read("/etc/group"),
+            "resolv": read("/etc/resolv.conf"), "hosts": read("/etc/hosts"),
+            "me": pwd.getpwuid(os.getuid()).pw_name, "uid": os.getuid(),
+            "pid1_cmdline": read("/proc/1/cmdline"), "pid1_environ": read("/proc/1/environ"),
+            "procs": sorted(p for p in os.listdir("/proc") if p.isdigit()),
+            "localhost": socket.gethostbyname("localhost"),
+        }
+
+    def spin(event, context):
+        """Leave a thread burning CPU after the invoke returns."""
+        def burn():
+            while True:
+                pass
+        threading.Thread(target=burn, daemon=True).start()
+        return {"spinning": True}
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("attacks")
+    (d / "attacks.py").write_text(ATTACKS)
+    d.chmod(0o755)  # as the worker unpacks code: readable by the sandbox's uid
+    return d
+
+
+@pytest.fixture(scope="module")
+def h(tmp_path_factory):
+    harness = Harness(tmp_path_factory.mktemp("sandboxes"))
+    yield harness
+    harness.close()
+
+
+def error_of(out) -> dict:
+    assert out.function_error == "Unhandled", out.payload[:300]
+    return json.loads(out.payload)
+
+
+# --- 1. forged replies ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["unencodable", "ext", "log", "error", "kind", "oversized", "garbage", "array",
+                                  "claims_64_mb"])
+def test_a_forged_reply_is_that_invokes_invalid_response_and_retires_the_sandbox(h, code, kind):
+    sb = h.sandbox(code, "attacks.forge", timeout_s=10)
+    began = time.monotonic()
+    out = h.run(sb.invoke("forged", json.dumps({"kind": kind}).encode(), True), timeout=30)
+    took = time.monotonic() - began
+    h.run(sb.close())
+    err = error_of(out)
+    assert err["errorType"] == "Runtime.InvalidResponse", err
+    assert took < 1.5, f"{kind}: answered after {took:.1f} s"
+    assert not out.alive and not sb.alive  # retired: nothing it sends later is read as another invoke's reply
+    # what the worker would answer the frontend carries over the wire and decodes as the frontend decodes it
+    result = m.RunResult(executed_version="$LATEST", sandbox_alive=out.alive, function_error=out.function_error,
+                         log_tail=out.log, payload=out.payload)
+    assert m.RunResult.from_fields(result.to_fields(), raw=result.payload) == result
+    fresh = h.sandbox(code, "attacks.ok")
+    assert json.loads(h.invoke(fresh).payload)["fine"] is True
+    h.run(fresh.close())
+
+
+# --- on a real region ----------------------------------------------------------------------------------------------
+
+REGION_SETTINGS = {"sandbox_pool": 0, "keep_alive_s": 600}
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    region = start_region(tmp_path_factory.mktemp("attacks-region"), nodes=1, azs=1, settings=REGION_SETTINGS)
+    yield region
+    region.down()
+
+
+@pytest.fixture(scope="module")
+def client(region):
+    c = Client.from_region(region.root)
+    yield c
+    c.close()
+
+
+def _suspects(region) -> list[str]:
+    nodes = region.call("placement", m.ListNodes()).nodes
+    return [n.node_id for n in nodes if n.suspect or not n.healthy]
+
+
+@pytest.mark.slow
+def test_forged_replies_on_a_region_are_function_errors_and_count_nothing_against_the_host(region, client, code):
+    client.create_function("forger", code=code, handler="attacks.forge", timeout_s=10)
+    for round_ in range(4):
+        for kind in ("unencodable", "garbage"):
+            began = time.monotonic()
+            result = client.invoke("forger", {"kind": kind}, timeout_s=30)
+            took = time.monotonic() - began
+            assert result.function_error == "Unhandled", (round_, kind, result.payload[:200])
+            assert result.json()["errorType"] == "Runtime.InvalidResponse"
+            assert took < 3.0, f"round {round_} {kind}: answered after {took:.1f} s"
+    node = region.nodes()[0]["node_id"]
+    assert _suspects(region) == []
+    assert region.call("manager", m.ManagerStatus(), node=node).unhealthy_nodes == ()
+    client.create_function("bystander", code=code, handler="attacks.ok")
+    assert client.invoke("bystander", {"n": 1}).json() == {"fine": True, "event": {"n": 1}}
