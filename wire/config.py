@@ -74,6 +74,9 @@ class Settings:
     event_retry_backoff_s: float = 60.0  # async: the wait before a retry after a function error (doubles)
     event_visibility_s: float = 60.0  # async: a taken event reappears this long after its poller went quiet
     event_pollers: int = 16  # async: executions of queued events one frontend runs at once
+    # worker: a zygote that has not answered a spawn (a fork, normally milliseconds) within this is taken for hung
+    # (its signal handler blocked, its process stopped): it is killed and replaced
+    zygote_spawn_timeout_s: float = 10.0
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -102,6 +105,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "credit_lease_s": (4 * SKEW_MARGIN_S, 60), "cold_start_allowance_s": (0, TIMEOUT_S_MAX),
     "default_tenant_limit": (0, 1_000_000), "unreserved_min": (0, 1_000_000),
     "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
+    "zygote_spawn_timeout_s": (0.1, 600),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

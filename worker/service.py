@@ -28,7 +28,7 @@ from worker.replies import error_json, invalid_response
 from worker.sandbox import Outcome, SandboxProcess
 from worker.slots import SlotPool
 from worker.state import IDLE, CodeCache, OrphanWatch, SandboxEntry, WorkerState, live_managers
-from worker.zygote_client import Zygote
+from worker.zygote_client import Zygote, ZygoteLost
 
 log = structlog.get_logger("worker")
 
@@ -49,7 +49,7 @@ class WorkerService:
         self._seq = itertools.count()
         self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
-        self.zygote = Zygote(self.caps, host.config.cores)
+        self.zygote = self._new_zygote()
         self.pool = self._new_pool()
         host.facts.isolation = self.caps.label()
         host.facts.isolation_details = self.caps.details()
@@ -104,9 +104,7 @@ class WorkerService:
         entry = SandboxEntry(msg.sandbox_id, config.key, config.code_sha256, msg.manager, memory_mb=config.memory_mb)
         self.state.add(entry, self.host.now())
         try:
-            if not self.zygote.alive:
-                await self._restart_zygote()
-            proc = await SandboxProcess.start(msg.sandbox_id, config, code_dir, pool=self.pool)
+            proc = await self._start_sandbox(msg.sandbox_id, config, code_dir)
         except Exception as exc:
             self.state.remove(msg.sandbox_id)
             log.exception("sandbox.start_failed", sandbox_id=msg.sandbox_id, function=config.name)
@@ -178,17 +176,32 @@ class WorkerService:
                     await self._discard(entry.sandbox_id)
                     log.info("sandbox.orphan_reaped", sandbox_id=entry.sandbox_id, manager=entry.manager)
 
+    async def _start_sandbox(self, sandbox_id: str, config: m.FunctionConfig, code_dir: Path) -> SandboxProcess:
+        """A cold start on a working zygote: one that died, or let a spawn go unanswered (hung: it is killed,
+        worker/zygote_client.py), is replaced first, and a start it failed is tried once more on the new one."""
+        if not self.zygote.alive:
+            await self._restart_zygote()
+        try:
+            return await SandboxProcess.start(sandbox_id, config, code_dir, pool=self.pool)
+        except ZygoteLost:
+            await self._restart_zygote()
+            return await SandboxProcess.start(sandbox_id, config, code_dir, pool=self.pool)
+
     async def _restart_zygote(self) -> None:
-        """The zygote died (its sandboxes died with it): forget them and start a new one."""
-        log.error("zygote.restarting", sandboxes_lost=len(self.processes))
+        """The zygote died or hung: its sandboxes die with it (killed first, so nothing waits on a zygote that
+        reports nothing); forget them and start a new one."""
+        log.error("zygote.restarting", why=self.zygote.lost, sandboxes_lost=len(self.processes))
+        self.zygote.close()
         for sandbox_id in list(self.processes):
             await self._discard(sandbox_id)
         await self.pool.close()
-        self.zygote.close()
-        self.zygote = Zygote(self.caps, self.host.config.cores)
+        self.zygote = self._new_zygote()
         self.pool = self._new_pool()
         await self.zygote.start()
         self.pool.start()
+
+    def _new_zygote(self) -> Zygote:
+        return Zygote(self.caps, self.host.config.cores, self.host.config.settings.zygote_spawn_timeout_s)
 
     def _new_pool(self) -> SlotPool:
         settings = self.host.config.settings

@@ -87,6 +87,8 @@ class SlotPool:
             await self._wanted.wait()
             self._wanted.clear()
             while len(self.ready) < self.size:
+                if not self.zygote.alive:
+                    return  # the worker replaces the zygote and this pool with it (WorkerService._restart_zygote)
                 try:
                     self.ready.append(await self.prepare(network=False))
                 except Exception:
@@ -125,6 +127,12 @@ class SlotPool:
         }
         try:
             slot.pid = await self.zygote.spawn(request, [theirs.fileno(), log_fd])
+        except BaseException:
+            ours.close()
+            if cgroup is not None:
+                cgroup.remove()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         finally:
             theirs.close()
             os.close(log_fd)

@@ -8,7 +8,8 @@ the slot finishes isolating and becomes the runtime: the Python bootstrap loop, 
 /var/task/bootstrap. The zygote answers {"t": "spawned", "id", "pid"} and later {"t": "exited", "id", "status"}
 (exit code, or -signal).
 
-Nothing of the node is imported here: no keys, no sockets but this one, which every sandbox closes first.
+Nothing of the node is imported here: no keys, no sockets but this one, which every sandbox closes first,
+with every other descriptor and signal handler of the zygote's (`fresh_process`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ gc.collect()
 gc.freeze()  # forks share these pages: keep the collector from touching (and so copying) them
 
 MAX_REQUEST = 64 * 1024
+CHANNEL_FD = 3  # in a sandbox: 0 is /dev/null, 1 and 2 the log, 3 the channel, and nothing else
+FD_LIMIT = 1 << 20  # the kernel's most (fs.nr_open's default): every descriptor above the channel is closed
+# The handlers a fresh interpreter has (this module runs first in one): a sandbox gets these back, not ours.
+FRESH_SIGNALS = {sig: signal.getsignal(sig) for sig in signal.valid_signals()
+                 if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) is not None}
 
 
 class Zygote:
@@ -81,7 +87,8 @@ class Zygote:
         if pid == 0:
             try:
                 self.sock.close()
-                sandbox(req, fds, self.isolate, self.filter, self.pid)
+                chan_fd = fresh_process(*fds[:2])
+                sandbox(req, chan_fd, self.isolate, self.filter, self.pid)
             finally:
                 os._exit(70)
         for fd in fds:
@@ -105,11 +112,33 @@ class Zygote:
         self.sock.send(msgpack.packb(msg, use_bin_type=True))
 
 
-def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> None:
-    """In the forked child. Phase one, ahead of need: join the slot's cgroups, enter new namespaces, build the
-    root filesystem. Phase two, when the worker assigns a function on the channel: bind its code, pivot into
-    the new root, drop every privilege, load the seccomp filter, and become the runtime. Never returns."""
-    chan_fd, log_fd = fds
+def fresh_process(chan_fd: int, log_fd: int) -> int:
+    """In the forked child, first: nothing of the zygote's reaches tenant code. Only /dev/null (0), the log (1
+    and 2) and the channel (3, returned) stay open; every signal handler is as a fresh interpreter has it, none
+    is blocked, and no wake-up fd is set. (The zygote's wake-up pipe was fds 3 and 4: a sandbox that kept its
+    write end could make it blocking, fill it, and so block the zygote in its next SIGCHLD handler for good.)"""
+    signal.set_wakeup_fd(-1)
+    for sig, handler in FRESH_SIGNALS.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    if chan_fd != CHANNEL_FD:
+        os.dup2(chan_fd, CHANNEL_FD, inheritable=False)
+    else:
+        os.set_inheritable(CHANNEL_FD, False)
+    os.closerange(CHANNEL_FD + 1, FD_LIMIT)  # the original channel and log, devnull, the zygote's pipe, any other
+    return CHANNEL_FD
+
+
+def sandbox(req: dict, chan_fd: int, isolate: bool, filt, zygote_pid: int) -> None:
+    """In the forked child, once fresh_process has left it only its own descriptors. Phase one, ahead of need:
+    join the slot's cgroups, enter new namespaces, build the root filesystem. Phase two, when the worker assigns
+    a function on the channel: bind its code, pivot into the new root, drop every privilege, load the seccomp
+    filter, and become the runtime. Never returns."""
     channel = bootstrap.Channel(chan_fd, chan_fd)
     runtime = "python3"
     try:
@@ -123,12 +152,6 @@ def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> 
         if isolate:
             _build_root(req)
             iso.sethostname("sandbox")
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.close(log_fd)
         job = channel.read()  # a prepared slot waits here for its function
         if job is None or job.get("t") != "assign":
             os._exit(0)  # the worker retired the slot unused

@@ -6,15 +6,19 @@ region (so every cold start lands on the same worker). Each test failed on the c
 from __future__ import annotations
 
 import json
+import os
+import signal
 import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flint import Client
 from tests.conftest import start_region
 from tests.support.sandbox import Harness
+from tests.support.wait import wait_until
 from wire import messages as m
 
 ATTACKS = textwrap.dedent(
@@ -80,6 +84,13 @@ ATTACKS = textwrap.dedent(
     def leave(event, context):
         os._exit(3)
 
+    def is_open(fd):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+            return True
+        except OSError:
+            return False
+
     def inherited(event, context):
         handlers = {}
         for sig in signal.valid_signals():
@@ -87,7 +98,7 @@ ATTACKS = textwrap.dedent(
                 h = signal.getsignal(sig)
                 if h not in (signal.SIG_DFL, None):
                     handlers[sig.name] = getattr(h, "__name__", repr(h))
-        return {"fds": sorted(int(n) for n in os.listdir("/proc/self/fd")), "handlers": handlers,
+        return {"fds": [fd for fd in range(1024) if is_open(fd)], "handlers": handlers,
                 "wakeup_fd": signal.set_wakeup_fd(-1), "blocked": sorted(s.name for s in signal.pthread_sigmask(
                     signal.SIG_BLOCK, []))}
 
@@ -187,9 +198,39 @@ def test_a_forged_reply_is_that_invokes_invalid_response_and_retires_the_sandbox
     h.run(fresh.close())
 
 
+# --- 2. what a sandbox inherits from the zygote ----------------------------------------------------------------
+
+
+def test_a_sandbox_holds_only_its_channel_and_log_and_fresh_signal_handlers(h, code):
+    sb = h.sandbox(code, "attacks.inherited")
+    got = json.loads(h.invoke(sb).payload)
+    h.run(sb.close())
+    assert got["fds"] == [0, 1, 2, 3], got  # /dev/null, the log twice, the channel: no pipe of the zygote's
+    assert got["wakeup_fd"] == -1 and got["blocked"] == []
+    # what a fresh interpreter sets (SIGINT, SIGPIPE, SIGXFSZ), and the runtime's own deadline alarm
+    assert set(got["handlers"]) <= {"SIGINT", "SIGPIPE", "SIGXFSZ", "SIGALRM"}, got["handlers"]
+
+
+def test_a_handler_cannot_hang_the_zygote_through_its_wakeup_pipe(h, code):
+    clogger = h.sandbox(code, "attacks.clog", memory_mb=1769)  # a full core for the thread that keeps it full
+    try:
+        h.invoke(clogger)
+        for _ in range(h.pool.size + 6):  # each ends a zygote child (a SIGCHLD), and forks another
+            quitter = h.sandbox(code, "attacks.leave")
+            assert error_of(h.invoke(quitter))["errorType"] == "Runtime.ExitError"
+            h.run(quitter.close())
+            began = time.monotonic()
+            fresh = h.sandbox(code, "attacks.ok")
+            assert json.loads(h.invoke(fresh).payload)["fine"] is True
+            h.run(fresh.close())
+            assert time.monotonic() - began < 1.0
+    finally:
+        h.run(clogger.close())
+
+
 # --- on a real region ----------------------------------------------------------------------------------------------
 
-REGION_SETTINGS = {"sandbox_pool": 0, "keep_alive_s": 600}
+REGION_SETTINGS = {"sandbox_pool": 0, "zygote_spawn_timeout_s": 2.0, "keep_alive_s": 600}
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +252,19 @@ def _suspects(region) -> list[str]:
     return [n.node_id for n in nodes if n.suspect or not n.healthy]
 
 
+def _zygotes(region) -> list[psutil.Process]:
+    """The node's live zygote processes (a killed one may linger a moment as a zombie), not their forks."""
+    node = psutil.Process(region.pid(region.nodes()[0]["node_id"]))
+    found = {}
+    for p in node.children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any("zygote.py" in a for a in p.cmdline()):
+                found[p.pid] = p
+        except psutil.Error:
+            pass  # gone meanwhile
+    return [p for p in found.values() if p.ppid() not in found]
+
+
 @pytest.mark.slow
 def test_forged_replies_on_a_region_are_function_errors_and_count_nothing_against_the_host(region, client, code):
     client.create_function("forger", code=code, handler="attacks.forge", timeout_s=10)
@@ -227,3 +281,36 @@ def test_forged_replies_on_a_region_are_function_errors_and_count_nothing_agains
     assert region.call("manager", m.ManagerStatus(), node=node).unhealthy_nodes == ()
     client.create_function("bystander", code=code, handler="attacks.ok")
     assert client.invoke("bystander", {"n": 1}).json() == {"fine": True, "event": {"n": 1}}
+
+
+@pytest.mark.slow
+def test_after_a_handler_clogs_what_it_inherited_another_function_still_cold_starts(region, client, code):
+    zygote = _zygotes(region)
+    client.create_function("clogger", code=code, handler="attacks.clog", memory_mb=1769)
+    client.create_function("quitter", code=code, handler="attacks.leave")
+    client.invoke("clogger", {})
+    for i in range(4):
+        # the attacker's other function ends its sandbox (a SIGCHLD for the zygote) ...
+        assert client.invoke("quitter", {}).json()["errorType"] == "Runtime.ExitError"
+        # ... and another function cold starts on the same worker (sandbox_pool 0: a fork from the zygote)
+        client.create_function(f"after-clog-{i}", code=code, handler="attacks.ok")
+        began = time.monotonic()
+        assert client.invoke(f"after-clog-{i}", {"i": i}, timeout_s=30).json()["event"] == {"i": i}
+        assert time.monotonic() - began < 1.5
+    assert [p.pid for p in _zygotes(region)] == [p.pid for p in zygote]  # the same zygote: it never hung
+
+
+@pytest.mark.slow
+def test_a_zygote_that_stops_answering_is_replaced(region, client, code):
+    (zygote,) = _zygotes(region)
+    os.kill(zygote.pid, signal.SIGSTOP)  # alive but answering nothing, as a hung zygote
+    try:
+        client.create_function("after-stop", code=code, handler="attacks.ok")
+        assert client.invoke("after-stop", {"n": 2}, timeout_s=30).json()["event"] == {"n": 2}
+    finally:
+        if zygote.is_running():
+            os.kill(zygote.pid, signal.SIGCONT)
+    (replacement,) = wait_until(lambda: _zygotes(region), 5, what="one zygote")
+    assert replacement.pid != zygote.pid
+    log = (region.root / "nodes" / region.nodes()[0]["node_id"] / "node.log").read_text()
+    assert "zygote.unresponsive" in log
