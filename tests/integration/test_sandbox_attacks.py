@@ -20,6 +20,7 @@ from tests.conftest import start_region
 from tests.support.sandbox import Harness
 from tests.support.wait import wait_until
 from wire import messages as m
+from worker import isolation as iso
 
 ATTACKS = textwrap.dedent(
     '''
@@ -226,6 +227,32 @@ def test_a_handler_cannot_hang_the_zygote_through_its_wakeup_pipe(h, code):
             assert time.monotonic() - began < 1.0
     finally:
         h.run(clogger.close())
+
+
+# --- 3. seccomp: io_uring and socket families --------------------------------------------------------------------
+
+
+def _refusals(harness: Harness, code: Path) -> dict:
+    sb = harness.sandbox(code, "attacks.refused")
+    got = json.loads(harness.invoke(sb).payload)
+    harness.run(sb.close())
+    return got
+
+
+def test_io_uring_vsock_and_netlink_are_refused_inside_a_sandbox(h, code, tmp_path):
+    got = _refusals(h, code)
+    for call in ("io_uring_setup", "io_uring_enter", "io_uring_register", "vsock", "netlink_route",
+                 "netlink_audit"):
+        assert got[call] == "refused: EPERM", (call, got)
+    assert got["unix"].startswith("allowed") and got["inet"].startswith("allowed")
+    # the same filter without root (no namespaces): seccomp alone holds it
+    partial = iso.Capabilities(root=False, namespaces=False, cgroups=0, seccomp=True, reasons=["not root"])
+    bare = Harness(tmp_path, caps=partial, cgroups=False)
+    try:
+        got = _refusals(bare, code)
+    finally:
+        bare.close()
+    assert all(got[c] == "refused: EPERM" for c in ("io_uring_setup", "vsock", "netlink_route")), got
 
 
 # --- on a real region ----------------------------------------------------------------------------------------------
