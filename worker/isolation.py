@@ -137,6 +137,18 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def set_command_line(args: list[str]) -> None:
+    """Overwrite this process's argument area, which /proc/PID/cmdline shows to anyone in its pid namespace: a
+    fork of the zygote would show the zygote's command (its path on the host, the worker's pid)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()  # from field 3 (state) on: comm may hold spaces
+    start, end = int(fields[48 - 3]), int(fields[49 - 3])  # arg_start and arg_end (proc(5))
+    data = b"\0".join(a.encode() for a in args)[:end - start - 1]
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, data, len(data))
+
+
 def drop_capabilities() -> None:
     """Empty the bounding and ambient sets; the switch to an unprivileged uid then empties the rest."""
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
@@ -245,12 +257,16 @@ class Capabilities:
         if self.seccomp:
             applied.append("seccomp")
         if self.root and self.namespaces:
-            applied += ["pid/mnt/net/ipc/uts namespaces", "pivot_root", "/proc", "/tmp tmpfs", "uid", "caps dropped"]
+            applied += ["pid/mnt/net/ipc/uts namespaces", "pivot_root", "/proc", "own /etc", "/tmp tmpfs", "uid",
+                        "caps dropped"]
         if self.cgroups:
             applied.append(f"cgroup-v{self.cgroups} memory/pids/cpu")
         else:
             applied.append("address-space and process-count rlimits in place of cgroups")
-        return {"level": self.label(), "applied": applied, "missing": self.reasons}
+        missing = list(self.reasons)
+        if not (self.root and self.namespaces):
+            missing.append("the host's /etc and /proc are visible to sandboxes (no mount or pid namespace)")
+        return {"level": self.label(), "applied": applied, "missing": missing}
 
 
 def probe(cgroups: Cgroups | None) -> Capabilities:

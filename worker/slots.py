@@ -26,7 +26,11 @@ from worker.zygote_client import Zygote
 
 log = structlog.get_logger("worker.slots")
 
-SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/etc")
+SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin")
+# Of the host's /etc, only this: the loader's map of system libraries, and with network what TLS needs (the CA
+# certificates, OpenSSL's settings). The rest of a sandbox's /etc is its own (sandbox_etc).
+ETC_BINDS = ("/etc/ld.so.cache",)
+NETWORK_ETC_BINDS = ("/etc/ssl/certs", "/etc/ssl/openssl.cnf")
 UID_BASE = 100_000  # sandboxes run as uids UID_BASE.. UID_BASE+UID_SPAN, one per live sandbox
 UID_SPAN = 50_000
 LINE_MAX_BYTES = SYNC_PAYLOAD_MAX_BYTES + 64 * 1024  # RESULT, the request id, and the response itself
@@ -40,6 +44,22 @@ def runtime_binds() -> list[str]:
         if not any(p == b or p.startswith(b + "/") for b in paths):
             paths.append(p)
     return paths
+
+
+def sandbox_etc(uid: int, network: bool, resolv_conf: str | None) -> dict[str, str]:
+    """The files of a sandbox's own /etc: a user and a group for its uid alone, localhost, the name service
+    switch Python's pwd, grp and socket modules read; the host's resolver settings only with network. Nothing
+    of the host's users, groups or hosts."""
+    user = f"sbx_user{uid}"
+    files = {
+        "/etc/passwd": f"{user}:x:{uid}:{uid}::/tmp:/sbin/nologin\n",
+        "/etc/group": f"{user}:x:{uid}:\n",
+        "/etc/hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        "/etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",
+    }
+    if network and resolv_conf is not None:
+        files["/etc/resolv.conf"] = resolv_conf
+    return files
 
 
 @dataclasses.dataclass
@@ -115,12 +135,14 @@ class SlotPool:
         slot = Slot(slot_id, run_dir, network, cgroup)
         log_fd = os.open(run_dir / "log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # RDWR: the runtime reads its tail
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        uid = UID_BASE + next(self._seq) % UID_SPAN
         request = {
             "id": slot_id,
             "root_dir": str(run_dir / "root"),
-            "binds": runtime_binds(),
+            "binds": runtime_binds() + list(ETC_BINDS) + (list(NETWORK_ETC_BINDS) if network else []),
+            "files": sandbox_etc(uid, network, _read("/etc/resolv.conf") if network else None),
             "network": network,
-            "uid": UID_BASE + next(self._seq) % UID_SPAN,
+            "uid": uid,
             "tmp_mb": self.tmp_mb,
             "pids_max": self.pids_max,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
@@ -170,6 +192,14 @@ class SlotPool:
             self._filler.cancel()
         slots, self.ready = self.ready, []
         await asyncio.gather(*(self.discard(s) for s in slots), return_exceptions=True)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 async def _remove_cgroup(cgroup: SandboxCgroup) -> None:

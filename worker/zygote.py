@@ -142,6 +142,7 @@ def sandbox(req: dict, chan_fd: int, isolate: bool, filt, zygote_pid: int) -> No
     channel = bootstrap.Channel(chan_fd, chan_fd)
     runtime = "python3"
     try:
+        iso.set_command_line(["python3", "bootstrap.py"])  # not the zygote's command line
         os.setsid()
         iso.prctl(iso.PR_SET_PDEATHSIG, 9)
         if not isolate and os.getppid() != zygote_pid:
@@ -181,9 +182,9 @@ def sandbox(req: dict, chan_fd: int, isolate: bool, filt, zygote_pid: int) -> No
 
 
 def _build_root(req: dict) -> None:
-    """A fresh root, prepared ahead: a small tmpfs holding read-only binds of the system and the runtime, /dev
-    with four devices, and a size-limited /tmp. The host's files - the node's keys, other functions' code - are
-    not in it."""
+    """A fresh root, prepared ahead: a small tmpfs holding read-only binds of the system and the runtime, an /etc
+    of the sandbox's own, /dev with four devices, and a size-limited /tmp. The host's files - the node's keys,
+    other functions' code, its users and hosts - are not in it."""
     iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
     root = req["root_dir"]
     os.makedirs(root, exist_ok=True)
@@ -201,8 +202,17 @@ def _build_root(req: dict) -> None:
             continue
         if not os.path.exists(src):
             continue
-        os.makedirs(dst, exist_ok=True)
+        if os.path.isdir(src):
+            os.makedirs(dst, exist_ok=True)
+        else:  # a file is bound onto an empty file
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
         _bind_ro(src, dst)
+    for path, content in req.get("files", {}).items():  # the sandbox's own /etc (worker/slots.py sandbox_etc)
+        os.makedirs(os.path.dirname(root + path), exist_ok=True)
+        with open(root + path, "w") as f:
+            f.write(content)
+        os.chmod(root + path, 0o644)
     for d in ("/var/task", "/dev", "/proc", "/.old"):
         os.makedirs(root + d, exist_ok=True)
     for dev in ("null", "zero", "random", "urandom"):

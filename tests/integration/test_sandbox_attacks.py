@@ -17,7 +17,7 @@ import pytest
 
 from flint import Client
 from tests.conftest import start_region
-from tests.support.sandbox import Harness
+from tests.support.sandbox import ROOT_ONLY, Harness
 from tests.support.wait import wait_until
 from wire import messages as m
 from worker import isolation as iso
@@ -132,14 +132,20 @@ ATTACKS = textwrap.dedent(
             "inet": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
         }
 
-    def host_view(event, context):
+    def name_of(uid):
         import pwd
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return None
+
+    def host_view(event, context):
         read = lambda p: open(p, "rb").read().decode(errors="replace") if os.path.exists(p) else None
         return {
             "etc": sorted(os.listdir("/etc")), "passwd": read("/etc/passwd"), "group": read("/etc/group"),
             "resolv": read("/etc/resolv.conf"), "hosts": read("/etc/hosts"),
-            "me": pwd.getpwuid(os.getuid()).pw_name, "uid": os.getuid(),
-            "pid1_cmdline": read("/proc/1/cmdline"), "pid1_environ": read("/proc/1/environ"),
+            "me": name_of(os.getuid()), "uid": os.getuid(),
+            "pid1_cmdline": read("/proc/1/cmdline"),
             "procs": sorted(p for p in os.listdir("/proc") if p.isdigit()),
             "localhost": socket.gethostbyname("localhost"),
         }
@@ -253,6 +259,35 @@ def test_io_uring_vsock_and_netlink_are_refused_inside_a_sandbox(h, code, tmp_pa
     finally:
         bare.close()
     assert all(got[c] == "refused: EPERM" for c in ("io_uring_setup", "vsock", "netlink_route")), got
+
+
+# --- 4. what a sandbox sees of its host --------------------------------------------------------------------------
+
+
+@ROOT_ONLY
+def test_a_sandbox_sees_its_own_minimal_etc_and_only_its_own_processes(h, code):
+    sb = h.sandbox(code, "attacks.host_view")
+    got = json.loads(h.invoke(sb).payload)
+    h.run(sb.close())
+    host_users = [line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines() if line]
+    passwd = got["passwd"].splitlines()
+    assert len(passwd) == 1 and passwd[0].split(":")[2] == str(got["uid"]), passwd
+    assert got["me"] == passwd[0].split(":")[0] and got["me"] not in host_users
+    assert len(got["group"].splitlines()) == 1
+    assert got["resolv"] is None  # no network, no resolver
+    assert got["localhost"] == "127.0.0.1"
+    assert set(got["etc"]) <= {"passwd", "group", "hosts", "hostname", "nsswitch.conf", "resolv.conf",
+                               "ld.so.cache", "ssl", "ca-certificates", "alternatives", "localtime"}, got["etc"]
+    assert got["procs"] == ["1"]
+    for leak in ("zygote", "worker_pid", str(Path(__file__).resolve().parents[2])):
+        assert leak not in got["pid1_cmdline"], got["pid1_cmdline"]
+    with_network = h.sandbox(code, "attacks.host_view", network=True)
+    got = json.loads(h.invoke(with_network).payload)
+    h.run(with_network.close())
+    assert got["resolv"] == Path("/etc/resolv.conf").read_text()
+    assert "own /etc" in h.caps.details()["applied"]
+    partial = iso.Capabilities(root=False, namespaces=False, cgroups=0, seccomp=True, reasons=["not root"])
+    assert any("/etc and /proc are visible" in r for r in partial.details()["missing"])  # without root: said
 
 
 # --- on a real region ----------------------------------------------------------------------------------------------
