@@ -77,6 +77,9 @@ class Settings:
     # worker: a zygote that has not answered a spawn (a fork, normally milliseconds) within this is taken for hung
     # (its signal handler blocked, its process stopped): it is killed and replaced
     zygote_spawn_timeout_s: float = 10.0
+    # worker: an idle sandbox is frozen (cgroup freezer) this long after its last invoke, and thawed by the next;
+    # back-to-back invokes pay for no freeze and thaw, and a thread left running burns at most this much
+    sandbox_freeze_after_s: float = 0.05
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -105,7 +108,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "credit_lease_s": (4 * SKEW_MARGIN_S, 60), "cold_start_allowance_s": (0, TIMEOUT_S_MAX),
     "default_tenant_limit": (0, 1_000_000), "unreserved_min": (0, 1_000_000),
     "event_retry_backoff_s": (0.01, 6 * 3600), "event_visibility_s": (1, 12 * 3600), "event_pollers": (1, 10_000),
-    "zygote_spawn_timeout_s": (0.1, 600),
+    "zygote_spawn_timeout_s": (0.1, 600), "sandbox_freeze_after_s": (0, 60),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

@@ -240,6 +240,7 @@ class Capabilities:
     cgroups: int  # 0, 1 or 2
     seccomp: bool
     reasons: list[str]
+    freezer: bool = False  # idle sandboxes are frozen (cgroup freezer)
 
     @property
     def full(self) -> bool:
@@ -264,6 +265,11 @@ class Capabilities:
         else:
             applied.append("address-space and process-count rlimits in place of cgroups")
         missing = list(self.reasons)
+        if self.freezer:
+            applied.append("freezer (idle sandboxes frozen)")
+        else:
+            missing.append("no cgroup freezer here: idle sandboxes are not frozen (threads a handler leaves running "
+                           "keep using CPU between invokes)")
         if not (self.root and self.namespaces):
             missing.append("the host's /etc and /proc are visible to sandboxes (no mount or pid namespace)")
         return {"level": self.label(), "applied": applied, "missing": missing}
@@ -296,4 +302,5 @@ def probe(cgroups: Cgroups | None) -> Capabilities:
     except Exception as exc:  # pyseccomp missing or libseccomp unusable
         has_seccomp = False
         reasons.append(f"seccomp unavailable: {exc}")
-    return Capabilities(root, namespaces, version, has_seccomp, reasons)
+    freezer = bool(version and cgroups is not None and cgroups.freezer)
+    return Capabilities(root, namespaces, version, has_seccomp, reasons, freezer)

@@ -49,6 +49,8 @@ class SandboxProcess:
         self.reader = slot.reader
         self.writer = slot.writer
         self.init_error: dict[str, Any] | None = None
+        self.frozen = False
+        self._freezing: asyncio.TimerHandle | None = None
         self.init_ms = 0.0
         self.baseline_pids = 1  # the runtime itself: pid 1 of its namespace; anything more is a stray
 
@@ -82,6 +84,7 @@ class SandboxProcess:
                 }
         if slot.cgroup is not None:
             slot.cgroup.limit_cpu(config.memory_mb, pool.zygote.cores)
+        sandbox._idle()  # until its first invoke: threads its init started stand still too
         sandbox.init_ms = (time.perf_counter() - began) * 1000
         return sandbox
 
@@ -98,6 +101,7 @@ class SandboxProcess:
         if self.init_error is not None:
             self.kill()
             return self._failure(dict(self.init_error), log_tail)
+        self._stay_awake()
         try:
             async with asyncio.timeout(timeout_s):  # no extra task per invoke, unlike wait_for
                 if self.config.runtime == "provided":
@@ -129,6 +133,8 @@ class SandboxProcess:
         stray = self.cgroup is not None and len(self.cgroup.pids()) > self.baseline_pids
         if reply.retire:
             self.kill()
+        else:
+            self._idle()
         return Outcome(reply.payload, "Unhandled" if reply.function_error else None, tail,
                        alive=not stray and not reply.retire)
 
@@ -136,7 +142,7 @@ class SandboxProcess:
         """The custom runtime protocol: one line in, one line out (README, Custom runtimes)."""
         assert self.writer is not None and self.reader is not None
         event = (payload or b"{}").decode(errors="replace").replace("\n", " ")
-        self.writer.write(f"{request_id} {deadline_ms} {event}\n".encode())
+        self._send(f"{request_id} {deadline_ms} {event}\n".encode())
         try:
             line = (await self.reader.readline()).decode(errors="replace").rstrip("\n")
         except ValueError as exc:  # a line past the reader's limit (worker/slots.py: a response's size, and more)
@@ -194,7 +200,15 @@ class SandboxProcess:
     def _write(self, msg: dict[str, Any]) -> None:
         assert self.writer is not None
         body = msgpack.packb(msg, use_bin_type=True)
-        self.writer.write(struct.pack(">I", len(body)) + body)
+        self._send(struct.pack(">I", len(body)) + body)
+
+    def _send(self, data: bytes) -> None:
+        """Write to the sandbox, then thaw it if it was frozen: it wakes once, to its message waiting."""
+        assert self.writer is not None
+        self.writer.write(data)
+        if self.frozen and self.cgroup is not None:
+            self.cgroup.thaw()
+            self.frozen = False
 
     async def _read(self) -> Any:
         """One message as the sandbox sent it: anything msgpack can hold. worker/replies.py judges it."""
@@ -206,9 +220,33 @@ class SandboxProcess:
         except Exception as exc:  # msgpack's errors, bad UTF-8, unhashable keys: all the sender's
             raise InvalidResponse(f"it sent a frame that is not msgpack ({type(exc).__name__}: {exc})"[:300]) from None
 
+    # --- idle: frozen ---------------------------------------------------------------------------------------------
+
+    def _idle(self) -> None:
+        """Between invokes the sandbox is frozen (the cgroup freezer, where this host has one), once it has been
+        idle for the pool's freeze_after_s: threads a handler leaves running burn nothing, and invokes that come
+        back to back pay for no freeze and thaw."""
+        if self.cgroup is not None and self.cgroup.freezer is not None:
+            self._freezing = asyncio.get_running_loop().call_later(self.pool.freeze_after_s, self._freeze)
+
+    def _freeze(self) -> None:
+        self._freezing = None
+        if self.cgroup is not None:
+            self.cgroup.freeze()
+            self.frozen = True
+
+    def _stay_awake(self) -> None:
+        """An invoke begins: no freeze now (the write that starts it thaws the sandbox, _send)."""
+        if self._freezing is not None:
+            self._freezing.cancel()
+            self._freezing = None
+
     # --- ending --------------------------------------------------------------------------------------------------
 
     def kill(self) -> None:
+        if self._freezing is not None:
+            self._freezing.cancel()
+            self._freezing = None
         self.pool.kill(self.slot)
         if self.cgroup is not None:
             self.cgroup.kill_all()

@@ -206,7 +206,8 @@ class WorkerService:
     def _new_pool(self) -> SlotPool:
         settings = self.host.config.settings
         return SlotPool(self.zygote, self.cgroups, self.run_root, size=settings.sandbox_pool,
-                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb)
+                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb,
+                        freeze_after_s=settings.sandbox_freeze_after_s)
 
     async def _discard(self, sandbox_id: str) -> bool:
         entry = self.state.remove(sandbox_id)

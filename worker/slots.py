@@ -83,13 +83,14 @@ class SlotPool:
     _seq = itertools.count()
 
     def __init__(self, zygote: Zygote, cgroups: Cgroups | None, run_root: Path, *, size: int = 4,
-                 pids_max: int = 64, tmp_mb: int = 64):
+                 pids_max: int = 64, tmp_mb: int = 64, freeze_after_s: float = 0.05):
         self.zygote = zygote
         self.cgroups = cgroups if (cgroups is not None and cgroups.available and zygote.caps.root) else None
         self.run_root = run_root
         self.size = size
         self.pids_max = pids_max
         self.tmp_mb = tmp_mb
+        self.freeze_after_s = freeze_after_s  # an idle sandbox is frozen this long after its last invoke
         self.ready: list[Slot] = []
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task | None = None
@@ -171,6 +172,8 @@ class SlotPool:
             os.kill(slot.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if slot.cgroup is not None:
+            slot.cgroup.thaw()  # a frozen process dies only once thawed
         return True
 
     async def discard(self, slot: Slot) -> None:

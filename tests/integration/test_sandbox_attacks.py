@@ -290,6 +290,42 @@ def test_a_sandbox_sees_its_own_minimal_etc_and_only_its_own_processes(h, code):
     assert any("/etc and /proc are visible" in r for r in partial.details()["missing"])  # without root: said
 
 
+# --- 5. idle sandboxes do not run ---------------------------------------------------------------------------------
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU time of a sandbox's runtime process, all its threads, from the host's side."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+@ROOT_ONLY
+def test_an_idle_sandbox_burns_no_cpu_and_thaws_for_its_next_invoke(h, code):
+    sb = h.sandbox(code, "attacks.spin", memory_mb=1769)  # a full core: burning is not throttled away
+    try:
+        assert json.loads(h.invoke(sb).payload)["spinning"] is True
+        time.sleep(0.1)
+        before = _cpu_s(sb.pid)
+        time.sleep(1.0)
+        idle = _cpu_s(sb.pid) - before
+        assert idle < 0.05, f"an idle sandbox burnt {idle:.2f} CPU-s in 1 s"
+        again = h.invoke(sb)  # thawed: the invoke runs, and so does the thread it left
+        assert json.loads(again.payload)["spinning"] is True and again.alive
+    finally:
+        h.run(sb.close())
+    assert not sb.alive
+
+
+def test_isolation_details_say_whether_idle_sandboxes_are_frozen(h):
+    details = h.caps.details()
+    if h.caps.freezer:
+        assert "freezer (idle sandboxes frozen)" in details["applied"]
+    else:
+        assert any("freezer" in r for r in details["missing"])
+    partial = iso.Capabilities(root=False, namespaces=False, cgroups=0, seccomp=True, reasons=["not root"])
+    assert any("idle sandboxes are not frozen" in r for r in partial.details()["missing"])
+
+
 # --- on a real region ----------------------------------------------------------------------------------------------
 
 REGION_SETTINGS = {"sandbox_pool": 0, "zygote_spawn_timeout_s": 2.0, "keep_alive_s": 600}
