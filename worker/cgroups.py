@@ -40,11 +40,11 @@ class SandboxCgroup:
     freezer: Path | None = None  # the file freeze() and thaw() write; None where there is no freezer
 
     def freeze(self) -> None:
-        """Stop every process of the sandbox where it is (an idle sandbox burns no CPU); thaw() resumes them."""
-        raise NotImplementedError
+        """Stop every process of the sandbox where it is (an idle sandbox burns no CPU); thaw() resumes them. A
+        no-op where there is no freezer."""
 
     def thaw(self) -> None:
-        raise NotImplementedError
+        """Resume what freeze() stopped."""
 
     def configure(self, memory_mb: int) -> None:
         """Set the function's memory on a prepared slot's cgroup (no process has to move)."""
@@ -204,6 +204,7 @@ class CgroupsV1(Cgroups):
         reason = _make(parents.values())
         if reason:
             return NoCgroups(reason)
+        _clear_stale(parents.values())
         if FREEZER in parents:
             try:
                 (parents[FREEZER] / FREEZER_KEEPER).mkdir(exist_ok=True)
@@ -251,6 +252,7 @@ class CgroupsV2(Cgroups):
             (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
         except OSError as exc:
             return NoCgroups(f"cgroup v2 controllers not delegated here ({exc.strerror})")
+        _clear_stale([parent])
         return cls(parent)
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
@@ -288,6 +290,33 @@ def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
     except OSError as exc:
         return NoCgroups(f"cgroups unreadable: {exc.strerror}")
     return NoCgroups("no cgroup hierarchy with memory, pids and cpu")
+
+
+def _clear_stale(parents) -> None:
+    """Sandbox groups left by a worker process that is gone (it crashed): their processes are killed and thawed
+    (a frozen one would outlive the parent-death signal meant to end it), the groups removed once empty. A group
+    is named for the worker process that made it (slot-PID-N, worker/slots.py); a live one's are left alone (local
+    regions on one machine may share a node name)."""
+    for parent in parents:
+        for group in [d for d in parent.iterdir() if d.is_dir() and not _owner_alive(d.name)]:
+            stale = SandboxCgroup([str(group / "cgroup.procs")], [group])
+            stale.kill_all()
+            for name, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                _write(group / name, thawed, optional=True)
+            stale.remove()
+
+
+def _owner_alive(group: str) -> bool:
+    m = re.fullmatch(r"slot-(\d+)-\d+", group)
+    if m is None:
+        return True  # not a sandbox's group (the freezer's keeper, say): not ours to clear
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _make(dirs) -> str:

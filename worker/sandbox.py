@@ -236,7 +236,8 @@ class SandboxProcess:
             self.frozen = True
 
     def _stay_awake(self) -> None:
-        """An invoke begins: no freeze now (the write that starts it thaws the sandbox, _send)."""
+        """An invoke begins (the write that starts it thaws the sandbox, _send), or the sandbox ends: no freeze
+        to come."""
         if self._freezing is not None:
             self._freezing.cancel()
             self._freezing = None
@@ -244,14 +245,13 @@ class SandboxProcess:
     # --- ending --------------------------------------------------------------------------------------------------
 
     def kill(self) -> None:
-        if self._freezing is not None:
-            self._freezing.cancel()
-            self._freezing = None
+        self._stay_awake()
         self.pool.kill(self.slot)
         if self.cgroup is not None:
             self.cgroup.kill_all()
 
     async def close(self) -> None:
+        self._stay_awake()
         await self.pool.discard(self.slot)
 
 

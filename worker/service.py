@@ -45,6 +45,7 @@ class WorkerService:
         self.code_root = host.config.data_dir / "code"
         self.run_root = host.config.data_dir / "sandboxes"
         self._code_locks: dict[str, asyncio.Lock] = {}
+        self._zygote_lock = asyncio.Lock()  # one replacement at a time, however many cold starts found it lost
         self._background = Background("worker")
         self._seq = itertools.count()
         self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
@@ -190,15 +191,18 @@ class WorkerService:
     async def _restart_zygote(self) -> None:
         """The zygote died or hung: its sandboxes die with it (killed first, so nothing waits on a zygote that
         reports nothing); forget them and start a new one."""
-        log.error("zygote.restarting", why=self.zygote.lost, sandboxes_lost=len(self.processes))
-        self.zygote.close()
-        for sandbox_id in list(self.processes):
-            await self._discard(sandbox_id)
-        await self.pool.close()
-        self.zygote = self._new_zygote()
-        self.pool = self._new_pool()
-        await self.zygote.start()
-        self.pool.start()
+        async with self._zygote_lock:
+            if self.zygote.alive:
+                return  # another cold start replaced it meanwhile
+            log.error("zygote.restarting", why=self.zygote.lost, sandboxes_lost=len(self.processes))
+            self.zygote.close()
+            for sandbox_id in list(self.processes):
+                await self._discard(sandbox_id)
+            await self.pool.close()
+            self.zygote = self._new_zygote()
+            self.pool = self._new_pool()
+            await self.zygote.start()
+            self.pool.start()
 
     def _new_zygote(self) -> Zygote:
         return Zygote(self.caps, self.host.config.cores, self.host.config.settings.zygote_spawn_timeout_s)

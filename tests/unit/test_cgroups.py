@@ -1,6 +1,7 @@
 """Per-sandbox cgroups on v1 and v2. This host runs one of them; the other is checked against a directory laid
 out as its cgroupfs would be (files the kernel would create are created here beforehand)."""
 
+import os
 from pathlib import Path
 
 from worker.cgroups import (
@@ -99,3 +100,20 @@ def test_v1_without_a_freezer_hierarchy_has_no_freezer(tmp_path):
     assert not cg.freezer and sandbox.freezer is None
     sandbox.freeze()  # nothing to write: a no-op
     sandbox.thaw()
+
+
+def test_groups_left_by_an_earlier_run_are_thawed_at_start(tmp_path):
+    mount = tmp_path / "cgroup"
+    for c in ("memory", "pids", "cpu", "freezer"):
+        (mount / c / "worker" / "flint-n1" / "slot-999999999-1").mkdir(parents=True)
+    live = mount / "freezer/worker/flint-n1" / f"slot-{os.getpid()}-1" / "freezer.state"  # a live worker's
+    live.parent.mkdir()
+    live.write_text("FROZEN")
+    stale = mount / "freezer/worker/flint-n1/slot-999999999-1/freezer.state"  # made by a worker gone
+    stale.write_text("FROZEN")  # its processes would never die of their parent's death signal
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("9:pids:/worker\n6:freezer:/worker\n4:memory:/worker\n2:cpu:/worker\n")
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV1) and stale.read_text() == "THAWED"
+    assert live.read_text() == "FROZEN"  # another region's worker on this machine: left alone
+    assert (mount / "freezer/worker/flint-n1/keep-frozen/freezer.state").read_text() == "FROZEN"
