@@ -27,9 +27,10 @@ from worker.zygote_client import Zygote
 log = structlog.get_logger("worker.slots")
 
 SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin")
-# Of the host's /etc, only this: the loader's map of system libraries, and with network what TLS needs (the CA
-# certificates, OpenSSL's settings). The rest of a sandbox's /etc is its own (sandbox_etc).
-ETC_BINDS = ("/etc/ld.so.cache",)
+# Of the host's /etc, only this: the loader's map of system libraries, the alternatives' links (/usr/bin/awk and
+# the like point there), and with network what TLS needs (the CA certificates, OpenSSL's settings). The rest of a
+# sandbox's /etc is its own (sandbox_etc).
+ETC_BINDS = ("/etc/ld.so.cache", "/etc/alternatives")
 NETWORK_ETC_BINDS = ("/etc/ssl/certs", "/etc/ssl/openssl.cnf")
 UID_BASE = 100_000  # sandboxes run as uids UID_BASE.. UID_BASE+UID_SPAN, one per live sandbox
 UID_SPAN = 50_000
