@@ -117,3 +117,19 @@ def test_groups_left_by_an_earlier_run_are_thawed_at_start(tmp_path):
     assert isinstance(cg, CgroupsV1) and stale.read_text() == "THAWED"
     assert live.read_text() == "FROZEN"  # another region's worker on this machine: left alone
     assert (mount / "freezer/worker/flint-n1/keep-frozen/freezer.state").read_text() == "FROZEN"
+
+
+def test_v2_freezes_through_cgroup_freeze_where_the_kernel_has_it(tmp_path):
+    mount, self_cgroup = fake_v2(tmp_path)
+    parent = mount / "system.slice" / "flint.service" / "flint-n1"
+    parent.mkdir()
+    (parent / "cgroup.freeze").write_text("0")  # Linux 5.2 and later: in every non-root group
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV2) and cg.freezer
+    (parent / "sb1").mkdir()
+    (parent / "sb1" / "cgroup.freeze").write_text("0")
+    sandbox = cg.create("sb1", memory_mb=128, pids_max=32, cores=2)
+    sandbox.freeze()
+    assert (parent / "sb1" / "cgroup.freeze").read_text() == "1"
+    sandbox.thaw()
+    assert (parent / "sb1" / "cgroup.freeze").read_text() == "0"
