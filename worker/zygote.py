@@ -37,6 +37,7 @@ gc.collect()
 gc.freeze()  # forks share these pages: keep the collector from touching (and so copying) them
 
 MAX_REQUEST = 64 * 1024
+RUNTIME_ARGV = ["python3", "bootstrap.py"]  # what a sandbox's pid 1 says it runs
 CHANNEL_FD = 3  # in a sandbox: 0 is /dev/null, 1 and 2 the log, 3 the channel, and nothing else
 FD_LIMIT = 1 << 20  # the kernel's most (fs.nr_open's default): every descriptor above the channel is closed
 # The handlers a fresh interpreter has (this module runs first in one): a sandbox gets these back, not ours.
@@ -142,7 +143,9 @@ def sandbox(req: dict, chan_fd: int, isolate: bool, filt, zygote_pid: int) -> No
     channel = bootstrap.Channel(chan_fd, chan_fd)
     runtime = "python3"
     try:
-        iso.set_command_line(["python3", "bootstrap.py"])  # not the zygote's command line
+        iso.set_command_line(RUNTIME_ARGV)  # not the zygote's command line, in /proc or in sys
+        sys.argv[:] = RUNTIME_ARGV[1:]
+        sys.orig_argv[:] = RUNTIME_ARGV
         os.setsid()
         iso.prctl(iso.PR_SET_PDEATHSIG, 9)
         if not isolate and os.getppid() != zygote_pid:

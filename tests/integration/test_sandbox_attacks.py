@@ -24,7 +24,7 @@ from worker import isolation as iso
 
 ATTACKS = textwrap.dedent(
     '''
-    import ctypes, errno, fcntl, os, signal, socket, stat, struct, threading, time
+    import ctypes, errno, fcntl, os, signal, socket, stat, struct, sys, threading, time
     import msgpack
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -145,7 +145,7 @@ ATTACKS = textwrap.dedent(
             "etc": sorted(os.listdir("/etc")), "passwd": read("/etc/passwd"), "group": read("/etc/group"),
             "resolv": read("/etc/resolv.conf"), "hosts": read("/etc/hosts"),
             "me": name_of(os.getuid()), "uid": os.getuid(),
-            "pid1_cmdline": read("/proc/1/cmdline"),
+            "pid1_cmdline": read("/proc/1/cmdline") + " ".join(sys.argv + sys.orig_argv),
             "procs": sorted(p for p in os.listdir("/proc") if p.isdigit()),
             "localhost": socket.gethostbyname("localhost"),
         }
