@@ -13,7 +13,9 @@ Measured in one run, with the worker's own code (zygote, slot pool, SandboxProce
 - the same for a fresh `python3` with the runtime's imports (the bootstrap started on its own, no isolation),
   and for bubblewrap (Debian's `bubblewrap`) launching the same handler with --unshare-all;
 - warm invoke overhead, worker side: a no-op handler's round trip through the sandbox's channel, p50/p99
-  (a 1769 MB function, so its CPU share is a full core and does not throttle the loop);
+  (a 1769 MB function, so its CPU share is a full core and does not throttle the loop); back to back, and after
+  an idle spell long enough for the sandbox to be frozen (the invoke thaws it; where there is no freezer the
+  sandbox just idled);
 - sandboxes created per second, sustained (create, first result, retire), slot preparation included;
 - memory per idle sandbox: proportional set size (PSS) of the sandbox's processes.
 
@@ -55,7 +57,7 @@ def config(name: str = "bench", memory_mb: int = 128, network: bool = False) -> 
                             memory_mb=memory_mb, network=network)
 
 
-async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: float) -> dict:
+async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, n_idle: int, rate_s: float) -> dict:
     cgroups = host_cgroups(f"flint-bench-{os.getpid()}") if os.geteuid() == 0 else None
     caps = iso.probe(cgroups)
     zygote = Zygote(caps, CORES or 1)
@@ -102,6 +104,12 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
             began = time.perf_counter()
             await sb.invoke(f"w{i}", b"{}", False)
             warm.append((time.perf_counter() - began) * 1e6)
+        after_idle = []
+        for i in range(n_idle):
+            await asyncio.sleep(pool.freeze_after_s + 0.02)  # frozen by now, where there is a freezer
+            began = time.perf_counter()
+            await sb.invoke(f"i{i}", b"{}", False)
+            after_idle.append((time.perf_counter() - began) * 1e6)
 
         # idle sandboxes: PSS of every process of each (the one outside its pid namespace included)
         idle = []
@@ -129,8 +137,9 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, rate_s: fl
             await s.close()
             made += 1
         rate = made / (time.perf_counter() - began)
-        return {"cold": cold, "unprepared": unprepared, "networked": networked, "warm": warm, "pss": pss,
-                "rate": rate, "caps": caps, "network": network.details()["with_network"]}
+        return {"cold": cold, "unprepared": unprepared, "networked": networked, "warm": warm,
+                "after_idle": after_idle, "pss": pss, "rate": rate, "caps": caps,
+                "network": network.details()["with_network"]}
     finally:
         await pool.close()
         zygote.close()
@@ -188,14 +197,14 @@ def _read_frame(stream) -> bytes:
 
 def main() -> None:
     args = parser(__doc__, "fewer samples; finishes in under a minute").parse_args()
-    n_cold, n_warm, n_base, rate_s = (100, 2000, 20, 3.0) if args.quick else (500, 20000, 60, 10.0)
+    n_cold, n_warm, n_idle, n_base, rate_s = (100, 2000, 30, 20, 3.0) if args.quick else (500, 20000, 200, 60, 10.0)
 
     base = Path(tempfile.mkdtemp(prefix="flint-bench-sandbox-"))
     code = echo_code(base / "code")
     for p in (base, code):
         p.chmod(0o755)
     try:
-        res = uvloop.run(flint(code, base / "run", n_cold, n_warm, rate_s))
+        res = uvloop.run(flint(code, base / "run", n_cold, n_warm, n_idle, rate_s))
         fresh = fresh_python(code, n_base)
         bw = bwrap(code, n_base)
     finally:
@@ -219,6 +228,8 @@ def main() -> None:
         "bwrap_cold_p99_ms": p99(bw, 2) if bw else None,
         "warm_overhead_p50_us": p50(res["warm"], 1),
         "warm_overhead_p99_us": p99(res["warm"], 1),
+        "warm_after_idle_p50_us": p50(res["after_idle"], 1),
+        "warm_after_idle_p99_us": p99(res["after_idle"], 1),
         "idle_pss_mib": round(sum(res["pss"]) / len(res["pss"]), 2),
         "sandboxes_per_s": round(res["rate"], 1),
         "targets": TARGETS,

@@ -108,6 +108,12 @@ class Settings:
     raft_compaction_entries: int = 20_000
     raft_compaction_interval_s: float = 60.0
     raft_compaction_mb: int = 64
+    # worker: a zygote that has not answered a spawn (a fork, normally milliseconds) within this is taken for hung
+    # (its signal handler blocked, its process stopped): it is killed and replaced
+    zygote_spawn_timeout_s: float = 10.0
+    # worker: an idle sandbox is frozen (cgroup freezer) this long after its last invoke, and thawed by the next;
+    # back-to-back invokes pay for no freeze and thaw, and a thread left running burns at most this much
+    sandbox_freeze_after_s: float = 0.05
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -145,6 +151,7 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     # pysyncobj needs at least 2 entries; its journal addresses records with 32 bits, so it must stay well under 4 GiB
     "raft_compaction_entries": (100, 10_000_000), "raft_compaction_interval_s": (1, 24 * 3600),
     "raft_compaction_mb": (1, 1024),
+    "zygote_spawn_timeout_s": (0.1, 600), "sandbox_freeze_after_s": (0, 60),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

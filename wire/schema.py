@@ -256,6 +256,14 @@ class Message:
                                            f"{cls.max_payload_bytes}-byte limit of {cls.op or cls.__name__}")
         return cls.from_fields(header, raw=payload)
 
+    def checked(self: M) -> M:
+        """This message, once each field passed the check its receiver will make, or the error that receiver
+        would raise: for a message built from what an untrusted party said (a sandbox's reply), before it is
+        sent."""
+        for name, spec, _ in self._specs:
+            spec.check(name, _plain(getattr(self, name)))
+        return self
+
     def to_fields(self) -> dict[str, Any]:
         """The header fields (the raw frame is not among them)."""
         out: dict[str, Any] = {}

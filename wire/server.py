@@ -24,6 +24,7 @@ from wire.errors import (
     InvalidRequestContentException,
     Reason,
     ServiceException,
+    error_fields,
 )
 from wire.ids import now_ms
 from wire.keys import KeyPair
@@ -187,7 +188,18 @@ class Server:
             self._send_error(identity, req.id, ServiceException(f"internal error in {self.name}: {exc}"))
             return
         header = {"v": codec.PROTOCOL_VERSION, "id": req.id, "ok": True, **result.to_fields()}
-        self._send(identity, codec.encode(header, result.raw_frame))
+        raw = result.raw_frame
+        try:
+            if raw is not None and not isinstance(raw, bytes):
+                raise TypeError(f"its raw frame is {type(raw).__name__}, not bytes")
+            frames = codec.encode(header, raw)
+        except (TypeError, ValueError, OverflowError) as exc:  # a reply msgpack cannot carry: answer, never hang
+            self.stats.internal_errors += 1
+            log.error("server.reply_unencodable", service=self.name, op=req.msg.op, **error_fields(exc))
+            self._send_error(identity, req.id, ServiceException(f"internal error in {self.name}: its reply to "
+                                                                f"{req.msg.op} could not be encoded ({exc})"))
+            return
+        self._send(identity, frames)
 
     def _send_error(self, identity: bytes, request_id: str, err: FlintError) -> None:
         self.stats.error_replies += 1

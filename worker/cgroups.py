@@ -1,4 +1,5 @@
-"""Per-sandbox cgroups (memory = the function's memory, pids, CPU in proportion to memory), on cgroup v1 or v2.
+"""Per-sandbox cgroups (memory = the function's memory, pids, CPU in proportion to memory; the freezer, which
+holds an idle sandbox still between invokes), on cgroup v1 or v2.
 
 Runs in the worker: it makes a slot's cgroups before the zygote forks the slot, which joins them itself
 (worker/zygote.py only writes its pid to the `procs_files` it is given). `host_cgroups()` picks the version this
@@ -14,6 +15,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 CONTROLLERS = ("memory", "pids", "cpu")
+FREEZER = "freezer"  # v1: its own hierarchy, used when mounted; v2: cgroup.freeze in every group (Linux 5.2+)
+# v1: the kernel switches its freezer on (a static key: about 100 us of code patching) when a first group
+# freezes and off when the last thaws; this empty group stays frozen so a sandbox's freeze or thaw costs ~5 us.
+FREEZER_KEEPER = "keep-frozen"
 CPU_PERIOD_US = 100_000
 MB_PER_CORE = 1769  # as Lambda: a function with 1769 MB gets one full core
 
@@ -32,6 +37,14 @@ class SandboxCgroup:
     version: ClassVar[int] = 0
     procs_files: list[str]  # a pid written to each joins the sandbox's cgroups
     dirs: list[Path]
+    freezer: Path | None = None  # the file freeze() and thaw() write; None where there is no freezer
+
+    def freeze(self) -> None:
+        """Stop every process of the sandbox where it is (an idle sandbox burns no CPU); thaw() resumes them. A
+        no-op where there is no freezer."""
+
+    def thaw(self) -> None:
+        """Resume what freeze() stopped."""
 
     def configure(self, memory_mb: int) -> None:
         """Set the function's memory on a prepared slot's cgroup (no process has to move)."""
@@ -60,6 +73,19 @@ class SandboxCgroup:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+        self.thaw()  # a frozen process dies only once thawed (v1)
+
+    def _set_freezer(self, value: bytes) -> None:
+        if self.freezer is None:
+            return
+        try:  # os-level: this runs twice per warm invoke
+            fd = os.open(self.freezer, os.O_WRONLY)
+            try:
+                os.write(fd, value)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            pass  # the group is gone already
 
     def remove(self) -> None:
         for d in self.dirs:
@@ -70,9 +96,15 @@ class SandboxCgroup:
 
 
 class SandboxCgroupV1(SandboxCgroup):
-    """dirs: the sandbox's group in the memory, pids and cpu hierarchies, in that order."""
+    """dirs: the sandbox's group in the memory, pids and cpu hierarchies, in that order, then the freezer's."""
 
     version = 1
+
+    def freeze(self) -> None:
+        self._set_freezer(b"FROZEN")
+
+    def thaw(self) -> None:
+        self._set_freezer(b"THAWED")
 
     def configure(self, memory_mb: int) -> None:
         limit = memory_mb * 1024 * 1024
@@ -109,6 +141,12 @@ class SandboxCgroupV2(SandboxCgroup):
 
     version = 2
 
+    def freeze(self) -> None:
+        self._set_freezer(b"1")
+
+    def thaw(self) -> None:
+        self._set_freezer(b"0")
+
     def configure(self, memory_mb: int) -> None:
         _write(self.dirs[0] / "memory.max", memory_mb * 1024 * 1024)
 
@@ -131,6 +169,7 @@ class Cgroups:
 
     version = 0
     reason = ""  # why cgroups are not available here
+    freezer = False  # whether idle sandboxes can be frozen here
 
     @property
     def available(self) -> bool:
@@ -151,22 +190,33 @@ class NoCgroups(Cgroups):
 
 
 class CgroupsV1(Cgroups):
-    """One hierarchy per controller: a sandbox gets a group in each of memory, pids and cpu."""
+    """One hierarchy per controller: a sandbox gets a group in each of memory, pids and cpu, and in the freezer's
+    when this host mounts it."""
 
     version = 1
 
     def __init__(self, parents: dict[str, Path]):
         self.parents = parents  # controller -> the worker's group for its sandboxes
+        self.freezer = FREEZER in parents
 
     @classmethod
     def setup(cls, parents: dict[str, Path]) -> Cgroups:
         reason = _make(parents.values())
-        return NoCgroups(reason) if reason else cls(parents)
+        if reason:
+            return NoCgroups(reason)
+        _clear_stale(parents.values())
+        if FREEZER in parents:
+            try:
+                (parents[FREEZER] / FREEZER_KEEPER).mkdir(exist_ok=True)
+                _write(parents[FREEZER] / FREEZER_KEEPER / "freezer.state", "FROZEN")
+            except OSError:
+                parents = {c: p for c, p in parents.items() if c != FREEZER}  # no freezer, then
+        return cls(parents)
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
                quota_now: bool = True) -> SandboxCgroup:
         limit = memory_mb * 1024 * 1024
-        dirs = {c: self.parents[c] / sandbox_id for c in CONTROLLERS}
+        dirs = {c: self.parents[c] / sandbox_id for c in (*CONTROLLERS, FREEZER) if c in self.parents}
         for d in dirs.values():
             d.mkdir(exist_ok=True)
         _write(dirs["memory"] / "memory.limit_in_bytes", limit)
@@ -176,7 +226,8 @@ class CgroupsV1(Cgroups):
         _write(dirs["pids"] / "pids.max", pids_max)
         _write(dirs["cpu"] / "cpu.cfs_period_us", CPU_PERIOD_US)
         _write(dirs["cpu"] / "cpu.cfs_quota_us", cpu_quota_us(memory_mb, cores) if quota_now else -1)
-        return SandboxCgroupV1([str(d / "cgroup.procs") for d in dirs.values()], list(dirs.values()))
+        return SandboxCgroupV1([str(d / "cgroup.procs") for d in dirs.values()], list(dirs.values()),
+                               dirs[FREEZER] / "freezer.state" if FREEZER in dirs else None)
 
 
 class CgroupsV2(Cgroups):
@@ -186,6 +237,7 @@ class CgroupsV2(Cgroups):
 
     def __init__(self, parent: Path):
         self.parent = parent  # the worker's group for its sandboxes
+        self.freezer = (parent / "cgroup.freeze").exists()
 
     @classmethod
     def setup(cls, mount: Path, parent: Path) -> Cgroups:
@@ -200,6 +252,7 @@ class CgroupsV2(Cgroups):
             (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
         except OSError as exc:
             return NoCgroups(f"cgroup v2 controllers not delegated here ({exc.strerror})")
+        _clear_stale([parent])
         return cls(parent)
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
@@ -210,7 +263,7 @@ class CgroupsV2(Cgroups):
         _write(d / "memory.swap.max", 0, optional=True)
         _write(d / "pids.max", pids_max)
         _write(d / "cpu.max", f"{cpu_quota_us(memory_mb, cores) if quota_now else 'max'} {CPU_PERIOD_US}")
-        return SandboxCgroupV2([str(d / "cgroup.procs")], [d])
+        return SandboxCgroupV2([str(d / "cgroup.procs")], [d], d / "cgroup.freeze" if self.freezer else None)
 
 
 def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
@@ -230,12 +283,40 @@ def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
             for c in controllers.split(","):
                 v1[c] = path
         if all(c in v1 and (mount / c).is_dir() for c in CONTROLLERS):
-            return CgroupsV1.setup({c: mount / c / v1[c].lstrip("/") / name for c in CONTROLLERS})
+            present = [c for c in (*CONTROLLERS, FREEZER) if c in v1 and (mount / c).is_dir()]
+            return CgroupsV1.setup({c: mount / c / v1[c].lstrip("/") / name for c in present})
         if v2_path is not None and (mount / "cgroup.controllers").exists():
             return CgroupsV2.setup(mount, mount / v2_path.lstrip("/") / name)
     except OSError as exc:
         return NoCgroups(f"cgroups unreadable: {exc.strerror}")
     return NoCgroups("no cgroup hierarchy with memory, pids and cpu")
+
+
+def _clear_stale(parents) -> None:
+    """Sandbox groups left by a worker process that is gone (it crashed): their processes are killed and thawed
+    (a frozen one would outlive the parent-death signal meant to end it), the groups removed once empty. A group
+    is named for the worker process that made it (slot-PID-N, worker/slots.py); a live one's are left alone (local
+    regions on one machine may share a node name)."""
+    for parent in parents:
+        for group in [d for d in parent.iterdir() if d.is_dir() and not _owner_alive(d.name)]:
+            stale = SandboxCgroup([str(group / "cgroup.procs")], [group])
+            stale.kill_all()
+            for name, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                _write(group / name, thawed, optional=True)
+            stale.remove()
+
+
+def _owner_alive(group: str) -> bool:
+    m = re.fullmatch(r"slot-(\d+)-\d+", group)
+    if m is None:
+        return True  # not a sandbox's group (the freezer's keeper, say): not ours to clear
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _make(dirs) -> str:

@@ -53,14 +53,22 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # Refused inside every sandbox (EPERM), beyond what the dropped capabilities already forbid: no mounts, no
-# tracing, no BPF, no new namespaces, no kernel keyrings, no perf, no kernel modules, no kexec, and the like.
+# tracing, no BPF, no new namespaces, no kernel keyrings, no perf, no kernel modules, no kexec, no io_uring, and
+# the like.
 DENIED_SYSCALLS = (
     "mount", "umount2", "pivot_root", "chroot", "ptrace", "process_vm_readv", "process_vm_writev", "bpf",
     "unshare", "setns", "keyctl", "add_key", "request_key", "perf_event_open", "init_module", "finit_module",
     "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "open_by_handle_at",
     "name_to_handle_at", "userfaultfd", "acct", "quotactl", "syslog", "iopl", "ioperm", "lookup_dcookie",
     "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "mount_setattr",
+    # io_uring: a large attack surface of its own, and its requests bypass the filter; Docker and gVisor refuse it
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
 )
+# Socket families a function has no use for: AF_VSOCK (the hypervisor's side) and AF_NETLINK (the kernel's
+# network, audit and device configuration). socket() and socketpair() in them are refused (EPERM).
+AF_NETLINK = 16
+AF_VSOCK = 40
+DENIED_SOCKET_FAMILIES = (AF_NETLINK, AF_VSOCK)
 NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET,
                    CLONE_NEWCGROUP)
 
@@ -129,6 +137,18 @@ def die_with_parent(parent: int) -> None:
     prctl(PR_SET_PDEATHSIG, 9)
     if os.getppid() != parent:
         os._exit(1)
+
+
+def set_command_line(args: list[str]) -> None:
+    """Overwrite this process's argument area, which /proc/PID/cmdline shows to anyone in its pid namespace: a
+    fork of the zygote would show the zygote's command (its path on the host, the worker's pid)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()  # from field 3 (state) on: comm may hold spaces
+    start, end = int(fields[48 - 3]), int(fields[49 - 3])  # arg_start and arg_end (proc(5))
+    data = b"\0".join(a.encode() for a in args)[:end - start - 1]
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, data, len(data))
 
 
 def drop_capabilities() -> None:
@@ -200,6 +220,9 @@ def seccomp_filter() -> Any:
             f.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except (RuntimeError, ValueError, OSError):
             pass  # a call this kernel/arch does not have
+    for family in DENIED_SOCKET_FAMILIES:
+        for call in ("socket", "socketpair"):
+            f.add_rule(seccomp.ERRNO(errno.EPERM), call, seccomp.Arg(0, seccomp.EQ, family))
     for flag in NAMESPACE_FLAGS:  # clone() asking for any new namespace
         f.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     try:
@@ -219,6 +242,7 @@ class Capabilities:
     cgroups: int  # 0, 1 or 2
     seccomp: bool
     reasons: list[str]
+    freezer: bool = False  # idle sandboxes are frozen (cgroup freezer)
 
     @property
     def full(self) -> bool:
@@ -236,12 +260,21 @@ class Capabilities:
         if self.seccomp:
             applied.append("seccomp")
         if self.root and self.namespaces:
-            applied += ["pid/mnt/net/ipc/uts namespaces", "pivot_root", "/proc", "/tmp tmpfs", "uid", "caps dropped"]
+            applied += ["pid/mnt/net/ipc/uts namespaces", "pivot_root", "/proc", "own /etc", "/tmp tmpfs", "uid",
+                        "caps dropped"]
         if self.cgroups:
             applied.append(f"cgroup-v{self.cgroups} memory/pids/cpu")
         else:
             applied.append("address-space and process-count rlimits in place of cgroups")
-        return {"level": self.label(), "applied": applied, "missing": self.reasons}
+        missing = list(self.reasons)
+        if self.freezer:
+            applied.append("freezer (idle sandboxes frozen)")
+        else:
+            missing.append("no cgroup freezer here: idle sandboxes are not frozen (threads a handler leaves running "
+                           "keep using CPU between invokes)")
+        if not (self.root and self.namespaces):
+            missing.append("the host's /etc and /proc are visible to sandboxes (no mount or pid namespace)")
+        return {"level": self.label(), "applied": applied, "missing": missing}
 
 
 def probe(cgroups: Cgroups | None) -> Capabilities:
@@ -271,4 +304,5 @@ def probe(cgroups: Cgroups | None) -> Capabilities:
     except Exception as exc:  # pyseccomp missing or libseccomp unusable
         has_seccomp = False
         reasons.append(f"seccomp unavailable: {exc}")
-    return Capabilities(root, namespaces, version, has_seccomp, reasons)
+    freezer = bool(version and cgroups is not None and cgroups.freezer)
+    return Capabilities(root, namespaces, version, has_seccomp, reasons, freezer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import signal
 import struct
@@ -21,6 +20,7 @@ from typing import Any
 import msgpack
 
 from wire import messages as m
+from worker.replies import InvalidResponse, error_json, frame_length, init_reply, invalid_response, invoke_reply
 from worker.slots import Slot, SlotPool
 
 INIT_TIMEOUT_S = 10.0  # Lambda allows 10 s of init
@@ -49,6 +49,8 @@ class SandboxProcess:
         self.reader = slot.reader
         self.writer = slot.writer
         self.init_error: dict[str, Any] | None = None
+        self.frozen = False
+        self._freezing: asyncio.TimerHandle | None = None
         self.init_ms = 0.0
         self.baseline_pids = 1  # the runtime itself: pid 1 of its namespace; anything more is a stray
 
@@ -68,19 +70,21 @@ class SandboxProcess:
                         "memory_mb": config.memory_mb})
         if config.runtime == "python3":
             try:
-                first = await asyncio.wait_for(sandbox._read(), INIT_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
+                sandbox.init_error = init_reply(await asyncio.wait_for(sandbox._read(), INIT_TIMEOUT_S))
+            except InvalidResponse as exc:  # the function's init code wrote on the channel
+                sandbox.kill()
+                sandbox.init_error = invalid_response("init", str(exc))
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 timed_out = sandbox.alive
                 sandbox.kill()
-                first = {"t": "init_error", "error": {
+                sandbox.init_error = {
                     "errorType": "Sandbox.Timedout" if timed_out else "Runtime.ExitError",
                     "errorMessage": "the runtime hung during init (10 s)" if timed_out
                     else "the runtime exited during init; see the log tail",
-                }}
-            if first.get("t") != "ready":
-                sandbox.init_error = first.get("error") or {"errorType": "Runtime.Unknown", "errorMessage": repr(first)}
+                }
         if slot.cgroup is not None:
             slot.cgroup.limit_cpu(config.memory_mb, pool.zygote.cores)
+        sandbox._idle()  # until its first invoke: threads its init started stand still too
         sandbox.init_ms = (time.perf_counter() - began) * 1000
         return sandbox
 
@@ -97,18 +101,22 @@ class SandboxProcess:
         if self.init_error is not None:
             self.kill()
             return self._failure(dict(self.init_error), log_tail)
+        self._stay_awake()
         try:
             async with asyncio.timeout(timeout_s):  # no extra task per invoke, unlike wait_for
                 if self.config.runtime == "provided":
-                    reply = await self._custom(request_id, deadline_ms, payload)
+                    reply = invoke_reply(await self._custom(request_id, deadline_ms, payload))
                 else:
                     self._write({"t": "invoke", "id": request_id, "deadline_ms": deadline_ms, "payload": payload,
                                  "log_tail": log_tail})
-                    reply = await self._read()
+                    reply = invoke_reply(await self._read())
         except TimeoutError:
             self.kill()
             return self._timed_out(request_id, timeout_s, log_tail)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        except InvalidResponse as exc:  # the handler wrote on the channel itself: its own reply may follow
+            self.kill()
+            return self._failure(invalid_response(request_id, str(exc)), log_tail)
+        except (asyncio.IncompleteReadError, ConnectionError):
             if time.time() * 1000 >= deadline_ms:  # it ended itself at its deadline (bootstrap OVERRUN_GRACE_S)
                 self.kill()
                 return self._timed_out(request_id, timeout_s, log_tail)
@@ -119,22 +127,26 @@ class SandboxProcess:
                 "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: {status}"
                 + (f" (out of memory: the function used all of its {self.config.memory_mb} MB)" if oom else ""),
             }, log_tail)
-        tail = reply.get("log") if log_tail else None
+        tail = reply.log if log_tail else None
         if self.config.runtime == "provided" and log_tail:
             tail = self.read_log_tail()
         stray = self.cgroup is not None and len(self.cgroup.pids()) > self.baseline_pids
-        if reply.get("t") == "result":
-            return Outcome(reply.get("payload") or b"null", None, tail, alive=not stray)
-        if reply.get("retire"):
+        if reply.retire:
             self.kill()
-        return Outcome(_json(reply.get("error") or {}), "Unhandled", tail, alive=not stray and not reply.get("retire"))
+        else:
+            self._idle()
+        return Outcome(reply.payload, "Unhandled" if reply.function_error else None, tail,
+                       alive=not stray and not reply.retire)
 
     async def _custom(self, request_id: str, deadline_ms: int, payload: bytes) -> dict[str, Any]:
         """The custom runtime protocol: one line in, one line out (README, Custom runtimes)."""
         assert self.writer is not None and self.reader is not None
-        event = (payload or b"{}").decode().replace("\n", " ")
-        self.writer.write(f"{request_id} {deadline_ms} {event}\n".encode())
-        line = (await self.reader.readline()).decode(errors="replace").rstrip("\n")
+        event = (payload or b"{}").decode(errors="replace").replace("\n", " ")
+        self._send(f"{request_id} {deadline_ms} {event}\n".encode())
+        try:
+            line = (await self.reader.readline()).decode(errors="replace").rstrip("\n")
+        except ValueError as exc:  # a line past the reader's limit (worker/slots.py: a response's size, and more)
+            raise InvalidResponse(f"it wrote a line longer than a response may be ({exc})") from None
         if not line:
             raise asyncio.IncompleteReadError(b"", None)
         kind, _, rest = line.partition(" ")
@@ -158,7 +170,7 @@ class SandboxProcess:
         }, log_tail)
 
     def _failure(self, error: dict[str, Any], log_tail: bool) -> Outcome:
-        return Outcome(_json(error), "Unhandled", self.read_log_tail() if log_tail else None, alive=False)
+        return Outcome(error_json(error), "Unhandled", self.read_log_tail() if log_tail else None, alive=False)
 
     async def _exit_status(self) -> str:
         fut = self.zygote.exits.get(self.slot.slot_id)
@@ -188,27 +200,58 @@ class SandboxProcess:
     def _write(self, msg: dict[str, Any]) -> None:
         assert self.writer is not None
         body = msgpack.packb(msg, use_bin_type=True)
-        self.writer.write(struct.pack(">I", len(body)) + body)
+        self._send(struct.pack(">I", len(body)) + body)
 
-    async def _read(self) -> dict[str, Any]:
+    def _send(self, data: bytes) -> None:
+        """Write to the sandbox, then thaw it if it was frozen: it wakes once, to its message waiting."""
+        assert self.writer is not None
+        self.writer.write(data)
+        if self.frozen and self.cgroup is not None:
+            self.cgroup.thaw()
+            self.frozen = False
+
+    async def _read(self) -> Any:
+        """One message as the sandbox sent it: anything msgpack can hold. worker/replies.py judges it."""
         assert self.reader is not None
         head = await self.reader.readexactly(4)
-        (n,) = struct.unpack(">I", head)
-        if n > 16 * 1024 * 1024:
-            raise ValueError("sandbox sent an oversized frame")
-        msg = msgpack.unpackb(await self.reader.readexactly(n), raw=False)
-        if not isinstance(msg, dict):
-            raise ValueError("sandbox sent a malformed frame")
-        return msg
+        body = await self.reader.readexactly(frame_length(struct.unpack(">I", head)[0]))
+        try:
+            return msgpack.unpackb(body, raw=False)
+        except Exception as exc:  # msgpack's errors, bad UTF-8, unhashable keys: all the sender's
+            raise InvalidResponse(f"it sent a frame that is not msgpack ({type(exc).__name__}: {exc})"[:300]) from None
+
+    # --- idle: frozen ---------------------------------------------------------------------------------------------
+
+    def _idle(self) -> None:
+        """Between invokes the sandbox is frozen (the cgroup freezer, where this host has one), once it has been
+        idle for the pool's freeze_after_s: threads a handler leaves running burn nothing, and invokes that come
+        back to back pay for no freeze and thaw."""
+        if self.cgroup is not None and self.cgroup.freezer is not None:
+            self._freezing = asyncio.get_running_loop().call_later(self.pool.freeze_after_s, self._freeze)
+
+    def _freeze(self) -> None:
+        self._freezing = None
+        if self.cgroup is not None:
+            self.cgroup.freeze()
+            self.frozen = True
+
+    def _stay_awake(self) -> None:
+        """An invoke begins (the write that starts it thaws the sandbox, _send), or the sandbox ends: no freeze
+        to come."""
+        if self._freezing is not None:
+            self._freezing.cancel()
+            self._freezing = None
 
     # --- ending --------------------------------------------------------------------------------------------------
 
     def kill(self) -> None:
+        self._stay_awake()
         self.pool.kill(self.slot)
         if self.cgroup is not None:
             self.cgroup.kill_all()
 
     async def close(self) -> None:
+        self._stay_awake()
         await self.pool.discard(self.slot)
 
 
@@ -231,7 +274,3 @@ def sandbox_environment(sandbox_id: str, config: m.FunctionConfig, tmp: str) -> 
     for key, value in config.environment.items():
         env.setdefault(key, value)
     return env
-
-
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj).encode()

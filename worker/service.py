@@ -32,7 +32,8 @@ from wire.tasks import Background
 from worker import isolation as iso
 from worker.cgroups import host_cgroups
 from worker.network import SandboxNetwork, no_safe_network
-from worker.sandbox import SandboxProcess
+from worker.replies import error_json, invalid_response
+from worker.sandbox import Outcome, SandboxProcess
 from worker.slots import SlotPool
 from worker.state import (
     BUSY,
@@ -43,7 +44,7 @@ from worker.state import (
     WorkerState,
     live_managers,
 )
-from worker.zygote_client import Zygote
+from worker.zygote_client import Zygote, ZygoteLost
 
 log = structlog.get_logger("worker")
 
@@ -60,12 +61,13 @@ class WorkerService:
         self.code_root = host.config.data_dir / "code"
         self.run_root = host.config.data_dir / "sandboxes"
         self._code_locks: dict[str, asyncio.Lock] = {}
+        self._zygote_lock = asyncio.Lock()  # one replacement at a time, however many cold starts found it lost
         self._background = Background("worker")
         self._unzipped_max_bytes = settings.unzipped_max_mb * 1024 * 1024
         self._seq = itertools.count()
         self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
         self.caps = iso.probe(self.cgroups)
-        self.zygote = Zygote(self.caps, host.config.cores)
+        self.zygote = self._new_zygote()
         self.network = SandboxNetwork.for_node(host.config, self.caps)
         self.pool = self._new_pool()
         host.facts.isolation = self.caps.label()
@@ -130,9 +132,7 @@ class WorkerService:
             self.state.remove(msg.sandbox_id)
             raise
         try:
-            if not self.zygote.alive:
-                await self._restart_zygote()
-            proc = await SandboxProcess.start(msg.sandbox_id, config, code_dir, pool=self.pool)
+            proc = await self._start_sandbox(msg.sandbox_id, config, code_dir)
         except Exception as exc:
             self.state.remove(msg.sandbox_id)
             log.exception("sandbox.start_failed", sandbox_id=msg.sandbox_id, function=config.name)
@@ -177,16 +177,15 @@ class WorkerService:
                 "the platform stopped the sandbox running this invoke (its host's capacity was taken back); the "
                 "function did not fail, but may have run in part. Invoke again if that is safe.",
                 reason=Reason.SANDBOX_RECLAIMED, retryable=True, may_still_run=True)
-        if outcome.alive and proc.alive:
+        result = _run_result(proc, msg.request_id, outcome)
+        if result.sandbox_alive and proc.alive:
             self.state.end(msg.sandbox_id, self.host.now())
             self._tell_manager(entry, msg.request_id, ReleaseOutcome.OK)
         else:
             await self._discard(msg.sandbox_id)
             self._tell_manager(entry, msg.request_id, ReleaseOutcome.GONE)
-            log.info("sandbox.retired", why=outcome.payload[:200].decode(errors="replace"))
-        return m.RunResult(executed_version=proc.config.version, sandbox_alive=outcome.alive,
-                           function_error=outcome.function_error or None, log_tail=outcome.log,
-                           payload=outcome.payload)
+            log.info("sandbox.retired", why=(result.payload or b"")[:200].decode(errors="replace"))
+        return result
 
     async def destroy_sandbox(self, req: Request) -> m.Destroyed:
         self._reclaim(req.msg.sandbox_id)
@@ -221,23 +220,42 @@ class WorkerService:
                     await self._discard(entry.sandbox_id)
                     log.info("sandbox.orphan_reaped", sandbox_id=entry.sandbox_id, manager=entry.manager)
 
+    async def _start_sandbox(self, sandbox_id: str, config: m.FunctionConfig, code_dir: Path) -> SandboxProcess:
+        """A cold start on a working zygote: one that died, or let a spawn go unanswered (hung: it is killed,
+        worker/zygote_client.py), is replaced first, and a start it failed is tried once more on the new one."""
+        if not self.zygote.alive:
+            await self._restart_zygote()
+        try:
+            return await SandboxProcess.start(sandbox_id, config, code_dir, pool=self.pool)
+        except ZygoteLost:
+            await self._restart_zygote()
+            return await SandboxProcess.start(sandbox_id, config, code_dir, pool=self.pool)
+
     async def _restart_zygote(self) -> None:
-        """The zygote died (its sandboxes died with it): forget them and start a new one."""
-        log.error("zygote.restarting", sandboxes_lost=len(self.processes))
-        for sandbox_id in list(self.processes):
-            self._reclaim(sandbox_id)
-            await self._discard(sandbox_id)
-        await self.pool.close()
-        self.zygote.close()
-        self.zygote = Zygote(self.caps, self.host.config.cores)
-        self.pool = self._new_pool()
-        await self.zygote.start()
-        self.pool.start()
+        """The zygote died or hung: its sandboxes die with it (killed first, so nothing waits on a zygote that
+        reports nothing); forget them and start a new one."""
+        async with self._zygote_lock:
+            if self.zygote.alive:
+                return  # another cold start replaced it meanwhile
+            log.error("zygote.restarting", why=self.zygote.lost, sandboxes_lost=len(self.processes))
+            self.zygote.close()
+            for sandbox_id in list(self.processes):
+                self._reclaim(sandbox_id)
+                await self._discard(sandbox_id)
+            await self.pool.close()
+            self.zygote = self._new_zygote()
+            self.pool = self._new_pool()
+            await self.zygote.start()
+            self.pool.start()
+
+    def _new_zygote(self) -> Zygote:
+        return Zygote(self.caps, self.host.config.cores, self.host.config.settings.zygote_spawn_timeout_s)
 
     def _new_pool(self) -> SlotPool:
         settings = self.host.config.settings
         return SlotPool(self.zygote, self.cgroups, self.run_root, size=settings.sandbox_pool,
-                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb, network=self.network)
+                        pids_max=settings.sandbox_pids_max, tmp_mb=settings.sandbox_tmp_mb,
+                        freeze_after_s=settings.sandbox_freeze_after_s, network=self.network)
 
     async def _discard(self, sandbox_id: str) -> bool:
         entry = self.state.remove(sandbox_id)
@@ -287,6 +305,21 @@ class WorkerService:
 
 def _message(exc: BaseException) -> str:
     return exc.message if isinstance(exc, FlintError) else f"{type(exc).__name__}: {exc}"
+
+
+def _run_result(proc: SandboxProcess, request_id: str, outcome: Outcome) -> m.RunResult:
+    """The reply to the frontend, checked as the frontend will decode it. The sandbox's reply was checked
+    already (worker/replies.py); should anything still not fit, it is the invoke's InvalidResponse and the
+    sandbox is retired: never a reply the worker cannot send, which the frontend would take for a lost host."""
+    result = m.RunResult(executed_version=proc.config.version, sandbox_alive=outcome.alive,
+                         function_error=outcome.function_error or None, log_tail=outcome.log, payload=outcome.payload)
+    try:
+        return result.checked()
+    except FlintError as err:
+        log.error("sandbox.reply_unusable", **error_fields(err))
+        proc.kill()
+        return m.RunResult(executed_version=proc.config.version, sandbox_alive=False, function_error="Unhandled",
+                           payload=error_json(invalid_response(request_id, err.message)))
 
 
 def _du(path: Path) -> int:

@@ -20,15 +20,22 @@ from pathlib import Path
 
 import structlog
 
+from wire.messages import SYNC_PAYLOAD_MAX_BYTES
 from worker.cgroups import Cgroups, SandboxCgroup
 from worker.network import SandboxLink, SandboxNetwork, no_safe_network
 from worker.zygote_client import Zygote
 
 log = structlog.get_logger("worker.slots")
 
-SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/etc")
+SYSTEM_BINDS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin")
+# Of the host's /etc, only this: the loader's map of system libraries, the alternatives' links (/usr/bin/awk and
+# the like point there), and with network what TLS needs (the CA certificates, OpenSSL's settings). The rest of a
+# sandbox's /etc is its own (sandbox_etc).
+ETC_BINDS = ("/etc/ld.so.cache", "/etc/alternatives")
+NETWORK_ETC_BINDS = ("/etc/ssl/certs", "/etc/ssl/openssl.cnf")
 UID_BASE = 100_000  # sandboxes run as uids UID_BASE.. UID_BASE+UID_SPAN, one per live sandbox
 UID_SPAN = 50_000
+LINE_MAX_BYTES = SYNC_PAYLOAD_MAX_BYTES + 64 * 1024  # RESULT, the request id, and the response itself
 
 
 def runtime_binds() -> list[str]:
@@ -39,6 +46,22 @@ def runtime_binds() -> list[str]:
         if not any(p == b or p.startswith(b + "/") for b in paths):
             paths.append(p)
     return paths
+
+
+def sandbox_etc(uid: int, network: bool, resolv_conf: str | None) -> dict[str, str]:
+    """The files of a sandbox's own /etc: a user and a group for its uid alone, localhost, the name service
+    switch Python's pwd, grp and socket modules read; the host's resolver settings only with network. Nothing
+    of the host's users, groups or hosts."""
+    user = f"sbx_user{uid}"
+    files = {
+        "/etc/passwd": f"{user}:x:{uid}:{uid}::/tmp:/sbin/nologin\n",
+        "/etc/group": f"{user}:x:{uid}:\n",
+        "/etc/hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        "/etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",
+    }
+    if network and resolv_conf is not None:
+        files["/etc/resolv.conf"] = resolv_conf
+    return files
 
 
 @dataclasses.dataclass
@@ -63,7 +86,8 @@ class SlotPool:
     _seq = itertools.count()
 
     def __init__(self, zygote: Zygote, cgroups: Cgroups | None, run_root: Path, *, size: int = 4,
-                 pids_max: int = 64, tmp_mb: int = 64, network: SandboxNetwork | None = None):
+                 pids_max: int = 64, tmp_mb: int = 64, freeze_after_s: float = 0.05,
+                 network: SandboxNetwork | None = None):
         self.zygote = zygote
         self.network = network
         self.cgroups = cgroups if (cgroups is not None and cgroups.available and zygote.caps.root) else None
@@ -71,6 +95,7 @@ class SlotPool:
         self.size = size
         self.pids_max = pids_max
         self.tmp_mb = tmp_mb
+        self.freeze_after_s = freeze_after_s  # an idle sandbox is frozen this long after its last invoke
         self.ready: list[Slot] = []
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task | None = None
@@ -88,6 +113,8 @@ class SlotPool:
             await self._wanted.wait()
             self._wanted.clear()
             while len(self.ready) < self.size:
+                if not self.zygote.alive:
+                    return  # the worker replaces the zygote and this pool with it (WorkerService._restart_zygote)
                 try:
                     self.ready.append(await self.prepare(network=False))
                 except Exception:
@@ -116,23 +143,31 @@ class SlotPool:
         slot = Slot(slot_id, run_dir, network, cgroup)
         log_fd = os.open(run_dir / "log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # RDWR: the runtime reads its tail
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        uid = UID_BASE + next(self._seq) % UID_SPAN
         request = {
             "id": slot_id,
             "root_dir": str(run_dir / "root"),
-            "binds": runtime_binds(),
+            "binds": runtime_binds() + list(ETC_BINDS) + (list(NETWORK_ETC_BINDS) if network else []),
+            "files": sandbox_etc(uid, network, self.network.resolv_conf if network and self.network else None),
             "network": network,
-            "resolv_conf": self.network.resolv_conf if network else None,
-            "uid": UID_BASE + next(self._seq) % UID_SPAN,
+            "uid": uid,
             "tmp_mb": self.tmp_mb,
             "pids_max": self.pids_max,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
         }
         try:
             slot.pid = await self.zygote.spawn(request, [theirs.fileno(), log_fd])
+        except BaseException:
+            ours.close()
+            if cgroup is not None:
+                cgroup.remove()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         finally:
             theirs.close()
             os.close(log_fd)
-        slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours)
+        # a custom runtime's result is one line: the reader's limit must hold the largest response
+        slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_MAX_BYTES)
         if network:
             try:
                 slot.link = await self.network.attach(slot.pid)
@@ -150,6 +185,8 @@ class SlotPool:
             os.kill(slot.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if slot.cgroup is not None:
+            slot.cgroup.thaw()  # a frozen process dies only once thawed
         return True
 
     async def discard(self, slot: Slot) -> None:

@@ -8,7 +8,8 @@ the slot finishes isolating and becomes the runtime: the Python bootstrap loop, 
 /var/task/bootstrap. The zygote answers {"t": "spawned", "id", "pid"} and later {"t": "exited", "id", "status"}
 (exit code, or -signal).
 
-Nothing of the node is imported here: no keys, no sockets but this one, which every sandbox closes first.
+Nothing of the node is imported here: no keys, no sockets but this one, which every sandbox closes first,
+with every other descriptor and signal handler of the zygote's (`fresh_process`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ gc.collect()
 gc.freeze()  # forks share these pages: keep the collector from touching (and so copying) them
 
 MAX_REQUEST = 64 * 1024
+RUNTIME_ARGV = ["python3", "bootstrap.py"]  # what a sandbox's pid 1 says it runs
+CHANNEL_FD = 3  # in a sandbox: 0 is /dev/null, 1 and 2 the log, 3 the channel, and nothing else
+FD_LIMIT = 1 << 20  # the kernel's most (fs.nr_open's default): every descriptor above the channel is closed
+# The handlers a fresh interpreter has (this module runs first in one): a sandbox gets these back, not ours.
+FRESH_SIGNALS = {sig: signal.getsignal(sig) for sig in signal.valid_signals()
+                 if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) is not None}
 
 
 class Zygote:
@@ -79,7 +86,8 @@ class Zygote:
         if pid == 0:
             try:
                 self.sock.close()
-                sandbox(req, fds, self.isolate, self.filter, self.pid)
+                chan_fd = fresh_process(*fds[:2])
+                sandbox(req, chan_fd, self.isolate, self.filter, self.pid)
             finally:
                 os._exit(70)
         for fd in fds:
@@ -103,14 +111,39 @@ class Zygote:
         self.sock.send(msgpack.packb(msg, use_bin_type=True))
 
 
-def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> None:
-    """In the forked child. Phase one, ahead of need: join the slot's cgroups, enter new namespaces, build the
-    root filesystem. Phase two, when the worker assigns a function on the channel: bind its code, pivot into
-    the new root, drop every privilege, load the seccomp filter, and become the runtime. Never returns."""
-    chan_fd, log_fd = fds
+def fresh_process(chan_fd: int, log_fd: int) -> int:
+    """In the forked child, first: nothing of the zygote's reaches tenant code. Only /dev/null (0), the log (1
+    and 2) and the channel (3, returned) stay open; every signal handler is as a fresh interpreter has it, none
+    is blocked, and no wake-up fd is set. (The zygote's wake-up pipe was fds 3 and 4: a sandbox that kept its
+    write end could make it blocking, fill it, and so block the zygote in its next SIGCHLD handler for good.)"""
+    signal.set_wakeup_fd(-1)
+    for sig, handler in FRESH_SIGNALS.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    if chan_fd != CHANNEL_FD:
+        os.dup2(chan_fd, CHANNEL_FD, inheritable=False)
+    else:
+        os.set_inheritable(CHANNEL_FD, False)
+    os.closerange(CHANNEL_FD + 1, FD_LIMIT)  # the original channel and log, devnull, the zygote's pipe, any other
+    return CHANNEL_FD
+
+
+def sandbox(req: dict, chan_fd: int, isolate: bool, filt, zygote_pid: int) -> None:
+    """In the forked child, once fresh_process has left it only its own descriptors. Phase one, ahead of need:
+    join the slot's cgroups, enter new namespaces, build the root filesystem. Phase two, when the worker assigns
+    a function on the channel: bind its code, pivot into the new root, drop every privilege, load the seccomp
+    filter, and become the runtime. Never returns."""
     channel = bootstrap.Channel(chan_fd, chan_fd)
     runtime = "python3"
     try:
+        iso.set_command_line(RUNTIME_ARGV)  # not the zygote's command line, in /proc or in sys
+        sys.argv[:] = RUNTIME_ARGV[1:]
+        sys.orig_argv[:] = RUNTIME_ARGV
         os.setsid()
         iso.prctl(iso.PR_SET_PDEATHSIG, 9)
         if not isolate and os.getppid() != zygote_pid:
@@ -121,12 +154,6 @@ def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> 
         if isolate:
             _build_root(req)
             iso.sethostname("sandbox")
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.close(log_fd)
         job = channel.read()  # a prepared slot waits here for its function
         if job is None or job.get("t") != "assign":
             os._exit(0)  # the worker retired the slot unused
@@ -156,9 +183,9 @@ def sandbox(req: dict, fds: list[int], isolate: bool, filt, zygote_pid: int) -> 
 
 
 def _build_root(req: dict) -> None:
-    """A fresh root, prepared ahead: a small tmpfs holding read-only binds of the system and the runtime, /dev
-    with four devices, and a size-limited /tmp. The host's files - the node's keys, other functions' code - are
-    not in it."""
+    """A fresh root, prepared ahead: a small tmpfs holding read-only binds of the system and the runtime, an /etc
+    of the sandbox's own, /dev with four devices, and a size-limited /tmp. The host's files - the node's keys,
+    other functions' code, its users and hosts - are not in it."""
     iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
     root = req["root_dir"]
     os.makedirs(root, exist_ok=True)
@@ -176,34 +203,22 @@ def _build_root(req: dict) -> None:
             continue
         if not os.path.exists(src):
             continue
-        os.makedirs(dst, exist_ok=True)
+        if os.path.isdir(src):
+            os.makedirs(dst, exist_ok=True)
+        else:  # a file is bound onto an empty file
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
         _bind_ro(src, dst)
-    if req.get("resolv_conf") is not None:
-        _place_resolv_conf(root, req["resolv_conf"])
+    for path, content in req.get("files", {}).items():  # the sandbox's own /etc (worker/slots.py sandbox_etc)
+        os.makedirs(os.path.dirname(root + path), exist_ok=True)
+        with open(root + path, "w") as f:
+            f.write(content)
+        os.chmod(root + path, 0o644)
     for d in ("/var/task", "/dev", "/proc", "/.old"):
         os.makedirs(root + d, exist_ok=True)
     for dev in ("null", "zero", "random", "urandom"):
         open(f"{root}/dev/{dev}", "w").close()
         iso.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, iso.MS_BIND)
-
-
-def _place_resolv_conf(root: str, content: str) -> None:
-    """A network sandbox's resolv.conf (worker/netplan.py sandbox_resolv_conf), bound over the host's in the
-    read-only /etc; followed if the host's is a symlink (its target then lives in this root's tmpfs)."""
-    src = root + "/.resolv.conf"
-    with open(src, "w") as f:
-        f.write(content)
-    os.chmod(src, 0o444)
-    dst = root + "/etc/resolv.conf"
-    if os.path.islink(dst):
-        dst = root + os.path.normpath(os.path.join("/etc", os.readlink(dst)))
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if not os.path.exists(dst):
-        try:
-            open(dst, "w").close()
-        except OSError:
-            return  # no resolv.conf on the host and none can be made in its read-only /etc: no resolver
-    _bind_ro(src, dst)
 
 
 def _enter_root(req: dict, code_dir: str) -> None:

@@ -1,6 +1,7 @@
 """Per-sandbox cgroups on v1 and v2. This host runs one of them; the other is checked against a directory laid
 out as its cgroupfs would be (files the kernel would create are created here beforehand)."""
 
+import os
 from pathlib import Path
 
 from worker.cgroups import (
@@ -66,3 +67,69 @@ def test_v1_sandbox_gets_one_group_per_controller(tmp_path):
     assert (mount / "pids/worker/flint-n1/sb1/pids.max").read_text() == "32"
     assert (mount / "cpu/worker/flint-n1/sb1/cpu.cfs_quota_us").read_text() == "100000"
     assert isinstance(sandbox, SandboxCgroupV1) and len(sandbox.procs_files) == 3
+
+
+def test_v1_with_a_freezer_hierarchy_freezes_and_thaws_a_sandbox_and_keeps_the_kernels_switch_on(tmp_path):
+    mount = tmp_path / "cgroup"
+    for c in ("memory", "pids", "cpu", "freezer"):
+        (mount / c / "worker").mkdir(parents=True)
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("9:pids:/worker\n6:freezer:/worker\n4:memory:/worker\n2:cpu:/worker\n")
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV1) and cg.freezer
+    assert (mount / "freezer/worker/flint-n1/keep-frozen/freezer.state").read_text() == "FROZEN"
+    state = mount / "freezer/worker/flint-n1/sb1/freezer.state"
+    state.parent.mkdir()
+    state.write_text("THAWED")  # as the kernel makes it
+    sandbox = cg.create("sb1", memory_mb=128, pids_max=32, cores=2)
+    assert sandbox.freezer == state and str(state.parent / "cgroup.procs") in sandbox.procs_files
+    sandbox.freeze()
+    assert state.read_text() == "FROZEN"
+    sandbox.thaw()
+    assert state.read_text() == "THAWED"
+
+
+def test_v1_without_a_freezer_hierarchy_has_no_freezer(tmp_path):
+    mount = tmp_path / "cgroup"
+    for c in ("memory", "pids", "cpu"):
+        (mount / c / "worker").mkdir(parents=True)
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("9:pids:/worker\n4:memory:/worker\n2:cpu:/worker\n")
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    sandbox = cg.create("sb1", memory_mb=128, pids_max=32, cores=2)
+    assert not cg.freezer and sandbox.freezer is None
+    sandbox.freeze()  # nothing to write: a no-op
+    sandbox.thaw()
+
+
+def test_groups_left_by_an_earlier_run_are_thawed_at_start(tmp_path):
+    mount = tmp_path / "cgroup"
+    for c in ("memory", "pids", "cpu", "freezer"):
+        (mount / c / "worker" / "flint-n1" / "slot-999999999-1").mkdir(parents=True)
+    live = mount / "freezer/worker/flint-n1" / f"slot-{os.getpid()}-1" / "freezer.state"  # a live worker's
+    live.parent.mkdir()
+    live.write_text("FROZEN")
+    stale = mount / "freezer/worker/flint-n1/slot-999999999-1/freezer.state"  # made by a worker gone
+    stale.write_text("FROZEN")  # its processes would never die of their parent's death signal
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("9:pids:/worker\n6:freezer:/worker\n4:memory:/worker\n2:cpu:/worker\n")
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV1) and stale.read_text() == "THAWED"
+    assert live.read_text() == "FROZEN"  # another region's worker on this machine: left alone
+    assert (mount / "freezer/worker/flint-n1/keep-frozen/freezer.state").read_text() == "FROZEN"
+
+
+def test_v2_freezes_through_cgroup_freeze_where_the_kernel_has_it(tmp_path):
+    mount, self_cgroup = fake_v2(tmp_path)
+    parent = mount / "system.slice" / "flint.service" / "flint-n1"
+    parent.mkdir()
+    (parent / "cgroup.freeze").write_text("0")  # Linux 5.2 and later: in every non-root group
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
+    assert isinstance(cg, CgroupsV2) and cg.freezer
+    (parent / "sb1").mkdir()
+    (parent / "sb1" / "cgroup.freeze").write_text("0")
+    sandbox = cg.create("sb1", memory_mb=128, pids_max=32, cores=2)
+    sandbox.freeze()
+    assert (parent / "sb1" / "cgroup.freeze").read_text() == "1"
+    sandbox.thaw()
+    assert (parent / "sb1" / "cgroup.freeze").read_text() == "0"

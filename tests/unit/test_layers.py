@@ -19,6 +19,7 @@ PACKAGES = ("wire", *SERVICES, "nodes", "flint")
 STATE_ONLY = {
     "frontend.state", "frontend.credits", "manager.state", "manager.health", "counting.state", "placement.state",
     "registry.state", "registry.events", "registry.code", "worker.state", "worker.netplan",
+    "worker.replies",
 }
 # what one service may import of another
 SHARED = {"client", "package"}

@@ -52,6 +52,8 @@ class LiveServer:
                 await asyncio.sleep(2)
             # the caller's identity comes from its CURVE key (ZAP), never from the request: echo it back
             config = m.FunctionConfig(tenant=req.caller.who, name=req.msg.name, handler="h.h", code_sha256="0")
+            if req.msg.name == "unencodable":  # a handler's reply holding what msgpack cannot carry
+                config = config.replace(environment={"x": object()})
             return m.FunctionReply(config=config)
 
         async def put_blob(req):
@@ -177,6 +179,19 @@ def test_payload_over_the_operation_limit_is_request_too_large(live):
     assert header["error"]["type"] == "RequestTooLargeException"
     assert "limit of get_function" in header["error"]["message"]
     assert header["id"] == "too-big"  # the caller can tell which request it was
+
+
+def test_a_reply_that_cannot_be_encoded_is_answered_with_an_error_not_silence(live):
+    before = live.server.stats.internal_errors
+    sock = dealer(live.endpoint)
+    sock.send_multipart(request("unencodable", "bad-reply"))
+    header = recv(sock)
+    sock.send_multipart(request("fine", "after-bad-reply"))
+    after = recv(sock)
+    sock.close(0)
+    assert header is not None and header["id"] == "bad-reply" and header["ok"] is False
+    assert header["error"]["type"] == "ServiceException" and "could not be encoded" in header["error"]["message"]
+    assert after["ok"] is True and live.server.stats.internal_errors == before + 1
 
 
 def test_an_unknown_key_is_refused_at_the_handshake(live):
