@@ -17,6 +17,7 @@ from flint import Client
 from flint.client import ClientConfig
 from frontend.client import FrontendClient
 from tests.conftest import start_region
+from tests.support.wait import wait_until
 from wire import messages as m
 from wire.errors import (
     FlintError,
@@ -245,3 +246,24 @@ def test_network_access_is_the_operators_decision_per_tenant(region, keys, tmp_p
         operator.set_tenant_network("mallory", allowed=False)  # taken away: from every function and version
         assert mallory.get_function("net")["network"] is False
         assert all(v["network"] is False for v in mallory.list_versions("net"))
+
+
+def test_a_sandbox_its_manager_stops_routing_to_is_destroyed_not_left_running(region, keys, tmp_path):
+    """A host a frontend could not reach is dropped from routing; its sandboxes must not run on unseen (they hold
+    memory, and nothing would ever reap them while their manager lives)."""
+    from frontend.state import rendezvous_order
+
+    with Client.from_region(region.root, key_file=keys["mallory"]) as c:
+        c.create_function("dropped", code=code(tmp_path, ENV_ECHO), handler="handler.handle")
+        sandbox_id = c.invoke("dropped").json()["sandbox"]
+    where = {n["node_id"]: {s.sandbox_id: s for s in region.call("worker", m.ListSandboxes(),
+                                                                  node=n["node_id"]).sandboxes}
+             for n in region.nodes()}
+    host = next(node for node, sandboxes in where.items() if sandbox_id in sandboxes)
+    manager = rendezvous_order("mallory/dropped/$LATEST", [n["node_id"] for n in region.nodes()])[0]
+    sandbox = where[host][sandbox_id]
+    region.call("manager", m.ManagerRelease(function_key=sandbox.function_key, sandbox_id=sandbox_id,
+                                            request_id="gone-host", outcome=m.ReleaseOutcome.NODE_FAILED),
+                node=manager)
+    wait_until(lambda: {s.sandbox_id for s in region.call("worker", m.ListSandboxes(), node=host).sandboxes}, 5,
+               until=lambda alive: sandbox_id not in alive, what="the dropped sandbox to be destroyed")
