@@ -41,7 +41,8 @@ RAFT_TUNING = dict(
     connectionRetryTime=0.3,
     leaderFallbackTimeout=0.5,
 )
-DEDUP_WINDOW = 50_000
+DEDUP_WINDOW = 50_000  # results remembered for retries, at most this many ...
+DEDUP_WINDOW_BYTES = 32 * 1024 * 1024  # ... and about this much of them (results kept in memory and in every dump)
 _RETRYABLE = {
     FAIL_REASON.QUEUE_FULL,
     FAIL_REASON.MISSING_LEADER,
@@ -55,14 +56,16 @@ _RETRYABLE = {
 class StateMachine(SyncObjConsumer):
     """Applies commands to `state` at most once per request id. Reads go through `read()`, under the lock."""
 
-    def __init__(self, state: Any, dedup_window: int = DEDUP_WINDOW):
+    def __init__(self, state: Any, dedup_window: int = DEDUP_WINDOW, dedup_window_bytes: int = DEDUP_WINDOW_BYTES):
         # Attributes set before SyncObjConsumer.__init__ are not part of the replicated snapshot.
         self._lock = threading.RLock()
         self._window = dedup_window
+        self._window_bytes = dedup_window_bytes
         super().__init__()
         self.state = state
         self.applied: collections.OrderedDict[str, tuple[str, Any]] = collections.OrderedDict()
         self.applied_count = 0
+        self.applied_bytes = 0  # what the remembered results weigh (`result_size`), the same on every replica
 
     @replicated
     def apply(self, request_id: str, ts: float, op: str, args: dict[str, Any]) -> tuple[str, Any]:
@@ -81,8 +84,11 @@ class StateMachine(SyncObjConsumer):
                 outcome = ("err", ServiceException(f"{op} failed: {exc!r}", retryable=False).to_wire())
             self.applied[request_id] = outcome
             self.applied_count += 1
-            while len(self.applied) > self._window:
-                self.applied.popitem(last=False)
+            self.applied_bytes += result_size(outcome)
+            while len(self.applied) > self._window or (self.applied_bytes > self._window_bytes
+                                                       and len(self.applied) > 1):
+                _, dropped = self.applied.popitem(last=False)
+                self.applied_bytes = max(0, self.applied_bytes - result_size(dropped))
             return outcome
 
     def _deserialize(self, data: dict[str, Any]) -> None:
@@ -308,6 +314,18 @@ def _encoded_size(value: Any) -> int:
 
 _ASCII = bytes(range(128))
 COMMAND_ENVELOPE_BYTES = 512  # what a command adds to its arguments: the method's number, request id, time, op name
+
+
+def result_size(value: Any) -> int:
+    """About what a command's result weighs in memory and in a dump: its strings and bytes, and a little for
+    everything else. The same on every replica, so every replica forgets the same results."""
+    if isinstance(value, (str, bytes)):
+        return 16 + len(value)
+    if isinstance(value, dict):
+        return 16 + sum(result_size(k) + result_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return 16 + sum(result_size(v) for v in value)
+    return 16
 
 
 def _settle(fut: asyncio.Future, result: Any, err: int) -> None:

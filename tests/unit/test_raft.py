@@ -122,3 +122,27 @@ def test_peer_port_binds_only_the_cluster_address(tmp_path):
         other.close()
     finally:
         close(groups)
+
+
+class Echo:
+    """A state whose command returns what it is given: the results a dedup window has to hold."""
+
+    def cmd_echo(self, now: float, data: str) -> str:
+        return data
+
+
+Echo.COMMANDS = {"echo": Echo.cmd_echo}
+
+
+def test_the_dedup_window_is_bounded_in_bytes_as_well_as_in_count():
+    from wire.raft import StateMachine
+
+    machine = StateMachine(Echo(), dedup_window=1000, dedup_window_bytes=100_000)
+    big = "x" * 10_000
+    for i in range(50):  # 50 results of 10 KB: only about 100 KB of them stay
+        assert machine.apply(f"r{i}", 0.0, "echo", {"data": big}, _doApply=True) == ("ok", big)
+    assert machine.applied_bytes <= 100_000 and 8 <= len(machine.applied) <= 10
+    assert "r49" in machine.applied and "r0" not in machine.applied  # the newest are remembered
+    for i in range(50, 3000):  # many small results: the count bounds them
+        machine.apply(f"r{i}", 0.0, "echo", {"data": "y"}, _doApply=True)
+    assert len(machine.applied) == 1000
