@@ -29,6 +29,31 @@ def code(tmp: Path) -> Path:
     return d
 
 
+def invoke_in_background(region, seconds: float) -> tuple[threading.Thread, dict]:
+    """One sleepy invoke on its own thread; what it got lands in the dict ("result" or "error")."""
+    outcome: dict = {}
+
+    def invoke() -> None:
+        with Client.from_region(region.root, retries=0) as c:
+            try:
+                outcome["result"] = c.invoke("sleepy", {"s": seconds})
+            except FlintError as err:
+                outcome["error"] = err
+
+    caller = threading.Thread(target=invoke)
+    caller.start()
+    return caller, outcome
+
+
+def busy_sandbox(region) -> tuple[str, str] | None:
+    """(node, sandbox id) of a sandbox running an invoke, if one is."""
+    for n in region.nodes():
+        for s in region.call("worker", m.ListSandboxes(), node=n["node_id"]).sandboxes:
+            if s.state == "busy":
+                return n["node_id"], s.sandbox_id
+    return None
+
+
 def peak_concurrency(region) -> int:
     changes = []
     for e in executions(region):
@@ -74,26 +99,8 @@ def test_a_revoked_worker_lease_lets_the_invoke_running_there_finish(tmp_path):
     try:
         with Client.from_region(region.root) as c:
             c.create_function("sleepy", code=code(tmp_path), handler="handler.handle", timeout_s=10)
-        outcome: dict = {}
-
-        def invoke() -> None:
-            with Client.from_region(region.root, retries=0) as c:
-                try:
-                    outcome["result"] = c.invoke("sleepy", {"s": 3.0})
-                except FlintError as err:
-                    outcome["error"] = err
-
-        caller = threading.Thread(target=invoke)
-        caller.start()
-
-        def busy_host() -> str | None:
-            for n in region.nodes():
-                sandboxes = region.call("worker", m.ListSandboxes(), node=n["node_id"]).sandboxes
-                if any(s.state == "busy" for s in sandboxes):
-                    return n["node_id"]
-            return None
-
-        host = wait_until(busy_host, 15, what="the invoke to run on a host")
+        caller, outcome = invoke_in_background(region, 3.0)
+        host, _ = wait_until(lambda: busy_sandbox(region), 15, what="the invoke to run on a host")
         for _ in range(3):  # three system errors make the host suspect: placement takes its leases back
             region.call("placement", m.ReportOutcome(node_id=host, ok=False))
         leased = wait_until(lambda: region.call("placement", m.ListWorkerLeases()).leases, 5,
@@ -112,26 +119,8 @@ def test_a_sandbox_the_platform_destroys_mid_invoke_is_the_platforms_error_not_t
     try:
         with Client.from_region(region.root) as c:
             c.create_function("sleepy", code=code(tmp_path), handler="handler.handle", timeout_s=10)
-        outcome: dict = {}
-
-        def invoke() -> None:
-            with Client.from_region(region.root, retries=0) as c:
-                try:
-                    outcome["result"] = c.invoke("sleepy", {"s": 5.0})
-                except FlintError as err:
-                    outcome["error"] = err
-
-        caller = threading.Thread(target=invoke)
-        caller.start()
-
-        def busy() -> tuple[str, str] | None:
-            for n in region.nodes():
-                for s in region.call("worker", m.ListSandboxes(), node=n["node_id"]).sandboxes:
-                    if s.state == "busy":
-                        return n["node_id"], s.sandbox_id
-            return None
-
-        node, sandbox_id = wait_until(busy, 15, what="the invoke to run in a sandbox")
+        caller, outcome = invoke_in_background(region, 5.0)
+        node, sandbox_id = wait_until(lambda: busy_sandbox(region), 15, what="the invoke to run in a sandbox")
         region.call("worker", m.DestroySandbox(sandbox_id=sandbox_id), node=node)
         caller.join(20)
         assert "result" not in outcome, f"a platform kill came back as the function's: {outcome.get('result')}"
