@@ -4,7 +4,8 @@ A role that crashes is restarted with backoff; one that crashes more than `role_
 `role_restart_window_s` ends the node with a non-zero exit, so a host is never left half alive. SIGTERM drains:
 every service refuses new requests (ShuttingDown, so callers go elsewhere at once) and the requests in hand,
 running invokes included, get up to `shutdown_grace_s` to finish; then every role stops (sandboxes included),
-the Raft groups close and the node exits 0.
+the Raft groups close and the node exits 0. A write to the data dir that fails (wire/persist.py) ends the node at
+once with one `node.persistence_failed` line and EXIT_PERSISTENCE_FAILED.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -28,12 +30,17 @@ from wire import messages as m
 from wire.config import RAFT_GROUPS, NodeConfig
 from wire.errors import error_fields
 from wire.host import Host
+from wire.persist import DiskWatch, on_failure, persisting
 from wire.raft import GroupConfig, RaftGroup, cluster_password
 from wire.server import Request
 
 log = structlog.get_logger("node")
 
-EXIT_ROLE_FAILED = 3
+# Exit codes besides 0 (stopped as asked) and the `flint` command's own (2: a bad config, saying what is wrong):
+EXIT_ROLE_FAILED = 3  # a role crashed more than role_restarts times within role_restart_window_s
+# A write to the data dir failed (no space, no inodes, an I/O error): logged `node.persistence_failed` with the path
+# and the error; free space or inodes there (or replace the disk) and start the node again
+EXIT_PERSISTENCE_FAILED = 4
 HAND_BACK_S = 3.0
 ROLE_STOP_S = 10.0  # a role told to stop gets this long to clean up after itself  # after the drain: credit and worker leases go back to their owners within this
 
@@ -81,10 +88,16 @@ class Node:
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        s = config.settings
+        self.disk = DiskWatch([config.data_dir, config.data_dir / "raft", config.data_dir / "blobs"],
+                              interval_s=s.persist_probe_interval_s, min_free_mb=s.persist_min_free_mb,
+                              min_free_inodes=s.persist_min_free_inodes)
+        self._failing = threading.Lock()
 
     async def run(self) -> int:
         c = self.config
         flog.bind(node=c.node_id, az=c.az)
+        on_failure(self._persistence_failed)
         self.host = host = Host(c)
         host.auth.start()
         self._start_raft(host)
@@ -94,6 +107,7 @@ class Node:
             loop.add_signal_handler(sig, self._stop.set)
         log.info("node.starting", roles=list(c.roles), address=c.address, pid=os.getpid())
         self._tasks = [loop.create_task(self._supervise(r), name=f"supervise:{r.name}") for r in self.roles.values()]
+        self._tasks.append(loop.create_task(self.disk.run(), name="disk-watch"))
         await self._stop.wait()
         log.info("node.stopping", exit_code=self.exit_code)
         if self.exit_code == 0:  # asked to stop (SIGTERM): what is running gets its grace
@@ -131,8 +145,9 @@ class Node:
     def _save_hosting(self, group: str, peers: list[str] | None) -> None:
         current = tomllib.loads(self._hosting_file.read_text()) if self._hosting_file.exists() else {}
         current[group] = {"hosted": peers is not None, "peers": list(peers or [])}
-        self._hosting_file.parent.mkdir(parents=True, exist_ok=True)
-        self._hosting_file.write_text(tomli_w.dumps(current))
+        with persisting(self._hosting_file):
+            self._hosting_file.parent.mkdir(parents=True, exist_ok=True)
+            self._hosting_file.write_text(tomli_w.dumps(current))
 
     def _start_raft(self, host: Host) -> None:
         for group, peers in self._raft_plan().items():
@@ -156,6 +171,8 @@ class Node:
                                                 hold_down_s=c.settings.hold_down_s,
                                                 tick_interval_s=c.settings.heartbeat_interval_s),
         }
+        with persisting(c.data_dir / "raft"):
+            (c.data_dir / "raft").mkdir(parents=True, exist_ok=True)
         cfg = GroupConfig(group, c.raft_address(group), list(peers), c.data_dir / "raft", cluster_password(c.keys_dir),
                           compaction_entries=c.settings.raft_compaction_entries,
                           compaction_interval_s=c.settings.raft_compaction_interval_s,
@@ -202,6 +219,20 @@ class Node:
                 log.warning("role.crashed", role=runner.name, restart_in_s=backoff, **error_fields(exc),
                             exc_info=not isinstance(exc, InjectedCrash))
                 await asyncio.sleep(backoff)
+
+    def _persistence_failed(self, path: str, err: OSError) -> None:
+        """A write to the data dir failed, on whichever thread (wire/persist.py): one line, and the node ends at
+        once, without a drain: a Raft replica must not answer after a write it could not make (pysyncobj would log
+        and retry for ever), and its sandboxes die with it (parent-death signal), as on a SIGKILL."""
+        with self._failing:  # another thread failing meanwhile waits here for the exit: one line
+            try:
+                log.critical("node.persistence_failed", path=path, **error_fields(err),
+                             exit_code=EXIT_PERSISTENCE_FAILED, node=self.config.node_id, az=self.config.az,  # any thread
+                             action="the node stopped rather than run on what it cannot write: free space or inodes "
+                                    "on that filesystem (or replace the disk), then start the node again; its Raft "
+                                    "replicas catch up from their peers and its missing code blobs are copied back")
+            finally:
+                os._exit(EXIT_PERSISTENCE_FAILED)
 
     # --- roles ---------------------------------------------------------------------------------------------------
 
@@ -272,6 +303,8 @@ class Node:
             isolation=self.host.facts.isolation,
             isolation_details=self.host.facts.isolation_details,
             sandboxes=self.host.facts.sandboxes,
+            can_persist=self.disk.can_persist,
+            persist_problem=self.disk.problem,
         )
 
     async def _inject(self, req: Request) -> m.FaultInjected:

@@ -70,6 +70,7 @@ class Operator:
             seen = raw["placement"].get(nid)
             raft = admin.raft if admin else {}
             roles_ok = admin is not None and all(r.state == "running" for r in admin.role_states.values())
+            can_persist = admin.can_persist if admin else None  # its data dir takes writes, with room to spare
             pid = self.processes.pid(nid)
             rows.append(
                 {
@@ -79,8 +80,10 @@ class Operator:
                     "roles": ",".join(n["roles"]),
                     "pid": pid,
                     "process": "up" if admin else ("unresponsive" if pid else "down"),
-                    "health": ("healthy" if seen and seen.healthy and roles_ok else "unhealthy")
+                    "health": ("healthy" if seen and seen.healthy and roles_ok and can_persist else "unhealthy")
                     if admin else "down",
+                    "can_persist": can_persist,
+                    "persist_problem": admin.persist_problem if admin else None,
                     "raft": ",".join(f"{g}:{s.state[0].upper()}" for g, s in raft.items()) or "-",
                     "raft_leaders": {g: s.leader is not None for g, s in raft.items()},
                     "isolation": admin.isolation if admin else None,
@@ -107,7 +110,9 @@ class Operator:
             time.sleep(0.3)
         raise RegionError(
             "region not healthy after {:.0f}s: {}".format(
-                timeout_s, ", ".join(f"{r['node']}={r['health']}" for r in rows)
+                timeout_s, ", ".join(f"{r['node']}={r['health']}" + (f" ({r['persist_problem']})"
+                                                                     if r.get("persist_problem") else "")
+                                     for r in rows)
             )
         )
 

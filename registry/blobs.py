@@ -1,7 +1,8 @@
 """Content-addressed code blobs on a control node's disk: data_dir/blobs/ab/abcdef... (sha256).
 
 A blob's mtime is when it was last written here (an upload of a blob already here touches it): the grace
-before an unreferenced blob is removed counts from it (registry.code.CodeStorage.collectable)."""
+before an unreferenced blob is removed counts from it (registry.code.CodeStorage.collectable). A write here that
+fails ends the node (wire/persist.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 
 from registry.package import sha256
 from wire.errors import InvalidParameterValueException
+from wire.persist import persisting
 
 
 class BlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        with persisting(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # an upload touching a blob and its removal never interleave
 
     def path(self, digest: str) -> Path:
@@ -37,14 +40,15 @@ class BlobStore:
         if sha256(data) != digest:
             raise InvalidParameterValueException("code blob does not match its sha256")
         path = self.path(digest)
-        with self._lock:
-            if path.exists():
-                os.utime(path)  # uploaded again, maybe for a create on its way: its grace starts again
-                return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with persisting(path):
+            with self._lock:
+                if path.exists():
+                    os.utime(path)  # uploaded again, maybe for a create on its way: its grace starts again
+                    return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
 
     def stored(self) -> dict[str, float]:
         """Every blob here: sha256 -> when it was last written (seconds since the epoch)."""
@@ -64,7 +68,8 @@ class BlobStore:
             try:
                 if path.stat().st_mtime != written:
                     return False
-                path.unlink()
             except FileNotFoundError:
                 return False
+            with persisting(path):
+                path.unlink(missing_ok=True)
         return True

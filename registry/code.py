@@ -8,7 +8,8 @@ each (Lambda's code storage quota is 75 GB an account, counting every version). 
 the quota is refused with CodeStorageExceededException, before the package is uploaded (the frontend asks
 first, the same check) and again when the change commits.
 
-A blob leaves a control node's blob store (`collectable`) when no version names it, and neither its last upload
+A control node copies from a peer every blob a version names that it does not store (`missing`). A blob leaves a
+control node's blob store (`collectable`) when no version names it, and neither its last upload
 there nor the moment its last version went is within the grace: an upload whose create is still on its way, or
 an invoke that resolved the replaced code a moment before the change, still finds it.
 """
@@ -77,6 +78,11 @@ class CodeStorage:
         return sorted(sha for sha, written in stored.items()
                       if sha not in self.holders and now - written > grace_s
                       and now - self.released.get(sha, written) > grace_s)
+
+    def missing(self, stored: dict[str, float]) -> list[str]:
+        """Of the blobs some function version names, those a control node does not store (`stored`, as for
+        `collectable`): a push it missed while down, to be copied from a peer."""
+        return sorted(sha for sha in self.holders if sha not in stored)
 
     def usage(self, tenant: str) -> int:
         return self.used.get(tenant, 0)

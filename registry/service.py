@@ -6,7 +6,7 @@ Every change is a typed message (wire.messages) that maps to one replicated comm
 
 On its own, on a timer (`_upkeep`): the group's leader commits its node's limits when the replicated ones differ
 and expires finished events when some are due; every control node removes the code blobs no function version
-names any more, once their grace has passed.
+names any more, once their grace has passed, and copies from a peer those a version names that it lacks.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class RegistryService:
         self.blob_grace_s = host.config.settings.code_blob_grace_s
         self._batch: list[tuple[dict, asyncio.Future]] = []
         self._background = Background("registry")
+        self._unfetchable: set[str] = set()  # missing blobs no peer had when last asked (logged once each)
 
     async def run(self) -> None:
         # Writes commit at the leader. Reads a tenant or operator makes are served there too, so whoever just
@@ -114,6 +115,7 @@ class RegistryService:
         server = self.host.server("registry", handlers)
         self._background.spawn(self._upkeep(), name="registry-upkeep")
         self._background.spawn(self._collect_blobs(), name="blob-collector")
+        self._background.spawn(self._repair_blobs(), name="blob-repair")
         try:
             await server.serve()
         finally:
@@ -286,6 +288,31 @@ class RegistryService:
             for digest in doomed:
                 if await asyncio.to_thread(self.blobs.remove, digest, stored[digest]):
                     log.info("code.collected", code_sha256=digest)
+
+    async def _repair_blobs(self) -> None:
+        """On every control node: copy from a peer each blob a function version names that is not here (a push
+        missed while this node was down, or lost with its disk), one at a time and at most code_blob_repair_mb_s.
+        Only while this replica has caught up: one replaying its log would look for blobs collected since."""
+        settings = self.host.config.settings
+        while True:
+            await asyncio.sleep(settings.code_blob_repair_interval_s)
+            if not (self.group.has_leader and self.group.status().ready):
+                continue
+            stored = await asyncio.to_thread(self.blobs.stored)
+            with self.group.machine.read() as state:
+                missing = state.code.missing(stored)
+            for digest in missing:
+                try:
+                    data = await self._fetch_blob(digest)
+                except FlintError as err:
+                    if digest not in self._unfetchable:
+                        log.warning("code.recopy_failed", code_sha256=digest, **error_fields(err),
+                                    hint="tried again every code_blob_repair_interval_s")
+                    self._unfetchable.add(digest)
+                    continue
+                self._unfetchable.discard(digest)
+                log.info("code.recopied", code_sha256=digest, size=len(data), missing=len(missing))
+                await asyncio.sleep(len(data) / (settings.code_blob_repair_mb_s * m.MiB))
 
     # --- code blobs ------------------------------------------------------------------------------------------
 

@@ -26,11 +26,16 @@ def base_ip() -> str:
     return fresh_base_ip()
 
 
-def start_region(tmp_path: Path, *, nodes: int = 3, azs: int = 3, settings: dict | None = None, layout: str = "combined"):
+def start_region(tmp_path: Path, *, nodes: int = 3, azs: int = 3, settings: dict | None = None, layout: str = "combined",
+                 prepare=None):
+    """Create a region, start it and wait until it is healthy. `prepare(region)`, if given, runs between the two
+    (e.g. to give a node its data dir on a filesystem of the test's own)."""
     from nodes.local import Region
 
     region = Region.create(tmp_path / "region", nodes=nodes, azs=azs, base_ip=fresh_base_ip(), settings=settings,
                            layout=layout)
+    if prepare is not None:
+        prepare(region)
     region.start()
     try:
         region.wait_healthy(60)

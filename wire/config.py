@@ -114,6 +114,16 @@ class Settings:
     # worker: an idle sandbox is frozen (cgroup freezer) this long after its last invoke, and thawed by the next;
     # back-to-back invokes pay for no freeze and thaw, and a thread left running burns at most this much
     sandbox_freeze_after_s: float = 0.05
+    # A node's data dir (wire/persist.py): probed this often (a small file written, fsynced and removed; a failed
+    # write ends the node, as any failed write there does), and reported unable to persist (unhealthy) while its
+    # free space or inodes are under these margins
+    persist_probe_interval_s: float = 1.0
+    persist_min_free_mb: int = 128
+    persist_min_free_inodes: int = 1000
+    # control nodes: the code blobs function versions name that are missing here (a push missed while down) are
+    # copied from a peer, looked for this often, one at a time at most this fast
+    code_blob_repair_interval_s: float = 10.0
+    code_blob_repair_mb_s: float = 20.0
 
     def validate(self) -> Settings:
         """Each setting within its range, and the settings that depend on each other in step. Raises ConfigError
@@ -152,6 +162,9 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "raft_compaction_entries": (100, 10_000_000), "raft_compaction_interval_s": (1, 24 * 3600),
     "raft_compaction_mb": (1, 1024),
     "zygote_spawn_timeout_s": (0.1, 600), "sandbox_freeze_after_s": (0, 60),
+    "persist_probe_interval_s": (0.1, 60), "persist_min_free_mb": (0, 1_000_000),
+    "persist_min_free_inodes": (0, 1_000_000_000), "code_blob_repair_interval_s": (0.5, 3600),
+    "code_blob_repair_mb_s": (0.1, 100_000),
 }
 # (the settings involved, what must hold, why), checked after the bounds
 _RELATIONS: list[tuple[tuple[str, ...], Callable[[Settings], bool], str]] = [

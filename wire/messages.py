@@ -1170,6 +1170,8 @@ class NodeStatusReply(Message):
     isolation: str | None = text(256, default=None)
     isolation_details: dict | None = any_map(default=None)
     sandboxes: int = integer(0, default=0)
+    can_persist: bool = flag(default=True)  # its data dir takes writes, with free space and inodes over the margins
+    persist_problem: str | None = text(1024, default=None)  # why not
 
 
 @message("node.status", reply=NodeStatusReply)

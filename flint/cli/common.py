@@ -74,9 +74,13 @@ def wait_healthy(region: Any, timeout_s: float) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["node", "az", "address", "roles", "process", "health", "raft", "isolation", "sandboxes"]
+    cols = ["node", "az", "address", "roles", "process", "health", "raft", "isolation", "sandboxes", "persist"]
+    rows = [{**r, "persist": {True: "ok", False: "NO"}.get(r.get("can_persist"))} for r in rows]
     table = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)))
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    for r in rows:
+        if r.get("can_persist") is False:
+            print(f"{r['node']} cannot persist: {r.get('persist_problem')}")

@@ -80,6 +80,17 @@ def test_a_blob_leaves_when_nothing_names_it_and_its_grace_has_passed():
     assert SHAS["b"] not in s.code.collectable(stored, 1000, grace_s=10)
 
 
+def test_a_control_node_lacking_a_blob_a_version_names_is_told_to_copy_it():
+    s = registry(2000)
+    create(s, "f", "a")
+    create(s, "g", "b")
+    s.cmd_publish_version(0, "t", "g")
+    update(s, "g", "c", now=100)  # version 1 still names b
+    assert s.code.missing({SHAS["a"]: 0.0, SHAS["d"]: 0.0}) == sorted([SHAS["b"], SHAS["c"]])
+    s.cmd_delete_function(200, "t", "g")
+    assert s.code.missing({}) == [SHAS["a"]]  # what nothing names is not copied, whatever its grace
+
+
 def test_releases_are_forgotten_once_no_grace_could_need_them():
     code = CodeStorage()
     code.add("t", "x" * 64, 1)
