@@ -191,7 +191,7 @@ class Cgroups:
     def available(self) -> bool:
         return self.version in (1, 2)
 
-    parent_dirs: list[Path] = []  # the groups its sandboxes' groups go under
+    parent_dirs: tuple[Path, ...] = ()  # the groups its sandboxes' groups go under
 
     def close(self) -> None:
         """On a clean stop, after the sandboxes' own clean-up: whatever is left is killed and removed, the
@@ -223,12 +223,9 @@ class CgroupsV1(Cgroups):
 
     def __init__(self, parents: dict[str, Path], record: Path | None = None):
         self.parents = parents  # controller -> the worker's group for its sandboxes
+        self.parent_dirs = tuple(parents.values())
         self.freezer = FREEZER in parents
         self.record = record
-
-    @property
-    def parent_dirs(self) -> list[Path]:
-        return list(self.parents.values())
 
     @classmethod
     def setup(cls, parents: dict[str, Path], record: Path | None = None) -> Cgroups:
@@ -267,12 +264,9 @@ class CgroupsV2(Cgroups):
 
     def __init__(self, parent: Path, record: Path | None = None):
         self.parent = parent  # the worker's group for its sandboxes
+        self.parent_dirs = (parent,)
         self.freezer = (parent / "cgroup.freeze").exists()
         self.record = record
-
-    @property
-    def parent_dirs(self) -> list[Path]:
-        return [self.parent]
 
     @classmethod
     def setup(cls, mount: Path, parent: Path, record: Path | None = None) -> Cgroups:
