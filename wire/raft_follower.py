@@ -16,8 +16,8 @@ committed, and a committed entry is only ever sent again identical (log matching
 was false. The deletion was not harmless, though: until the re-add the follower held less than it had
 acknowledged, which a commit counts on.
 
-`LogMatchingSyncObj` gives pysyncobj such a message with the entries the follower holds (same index and term) taken
-off its head and prevLogIdx moved past them: pysyncobj then deletes from the first entry that conflicts, or
+`LogMatchingSyncObj` gives pysyncobj such a message (for an entry sent in pieces, its last piece, assembled) with the
+entries the follower holds (same index and term) taken off its head and prevLogIdx moved past them: pysyncobj then deletes from the first entry that conflicts, or
 nothing, and acknowledges the same entries as before. A conflict at an applied index is a real divergence: still
 CRITICAL.
 Only the message is changed. Should a pysyncobj release rename the members read here, messages pass unchanged (its
@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pysyncobj.pickle
 import structlog
 from pysyncobj import SyncObj
 
@@ -75,6 +76,8 @@ class LogMatchingSyncObj(SyncObj):
     def _without_held(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
             journal, last_applied = self._SyncObj__raftLog, self._SyncObj__raftLastApplied  # type: ignore[attr-defined]
+            if message.get("transmission") == "finish":
+                message = self._assembled(message)
         except AttributeError:
             if not LogMatchingSyncObj._warned:
                 LogMatchingSyncObj._warned = True
@@ -86,3 +89,16 @@ class LogMatchingSyncObj(SyncObj):
             return journal[idx - first] if first <= idx <= journal[-1][1] else None
 
         return without_held(message, entry_at, last_applied)
+
+    def _assembled(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The last piece of one large entry (over appendEntriesBatchSizeBytes, sent in pieces) as the plain append of
+        that entry pysyncobj makes of it, so the entry can be compared with the one held. Async events of 64 KiB
+        and more travel so, and were re-sent as often as the others."""
+        pieces = self._SyncObj__recvTransmission  # type: ignore[attr-defined]
+        try:
+            entry = pysyncobj.pickle.loads(pieces + message["data"])
+        except Exception:  # noqa: BLE001 - not an entry: pysyncobj's own handling, and its own failure
+            return message
+        self._SyncObj__recvTransmission = ""  # as pysyncobj leaves it after the last piece
+        plain = {k: v for k, v in message.items() if k not in ("transmission", "data")}
+        return {**plain, "entries": [entry]}

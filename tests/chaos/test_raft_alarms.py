@@ -31,7 +31,8 @@ STORM = [("counting", "pause"), ("control", "pause"), ("counting", "kill"), ("co
 
 
 class Load:
-    """Sync invokes and async events from a few threads, with client retries, until stopped."""
+    """Sync invokes and async events (half of them of 100 KB) from a few threads, with client retries, until
+    stopped."""
 
     def __init__(self, region, sync_callers: int = 4, async_callers: int = 2):
         self.region = region
@@ -48,8 +49,10 @@ class Load:
             n = 0
             while not self.stop.is_set():
                 n += 1
+                # every other event over pysyncobj's 64 KiB batch: its log entry is sent in pieces
+                payload = {"n": n, "pad": "x" * (100_000 if kind == "Event" and n % 2 else 0)}
                 try:
-                    client.invoke("quick", {"n": n}, invocation_type=kind)
+                    client.invoke("quick", payload, invocation_type=kind)
                     outcome = f"{kind}:ok"
                 except FlintError as err:
                     outcome = f"{kind}:{err.type_name}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import struct
 
+import pysyncobj.pickle
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.node import TCPNode
@@ -74,37 +75,46 @@ def follower(cls):
     return obj, obj._SyncObj__transport
 
 
-def resend_applied_entries(cls, caplog) -> tuple[SyncObj, list[str]]:
+def resend_applied_entries(cls, caplog, in_pieces: bool) -> list[str]:
     """A follower applies 2-4 from a leader, then the leader sends 3-5 again (its next index for the follower
-    set back by an acknowledgement): as under load with unbatched appends."""
+    set back by an acknowledgement), as under load with unbatched appends; or, `in_pieces`, sends 3 again as one
+    large entry goes, in pieces. What pysyncobj logged CRITICAL."""
     obj, transport = follower(cls)
     leader = TCPNode("127.0.0.1:2")
     entries = [(NO_OP, i, 1) for i in range(2, 6)]
     handler = obj._SyncObj__onMessageReceived
+    sent = {"type": "append_entries", "term": 1, "commit_index": 4}
     try:
         with caplog.at_level(logging.CRITICAL, logger="pysyncobj"):
-            handler(leader, {"type": "append_entries", "term": 1, "commit_index": 4, "prevLogIdx": 1,
-                             "prevLogTerm": obj._SyncObj__raftLog[0][2], "entries": entries[:3]})
+            handler(leader, {**sent, "prevLogIdx": 1, "prevLogTerm": obj._SyncObj__raftLog[0][2],
+                             "entries": entries[:3]})
             obj.doTick(0)
             assert obj._SyncObj__raftLastApplied == 4
-            handler(leader, {"type": "append_entries", "term": 1, "commit_index": 4, "prevLogIdx": 2,
-                             "prevLogTerm": 1, "entries": entries[1:]})
-        assert [e[1:] for e in obj._SyncObj__raftLog[1:]] == [(i, 1) for i in range(2, 6)]
-        assert transport.sent[-1]["type"] == "next_node_idx" and transport.sent[-1]["next_node_idx"] == 6
-        assert transport.sent[-1]["success"]
-        return obj, [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL]
+            if in_pieces:
+                whole = pysyncobj.pickle.dumps(entries[1])
+                for piece, data in (("start", whole[:10]), ("process", whole[10:20]), ("finish", whole[20:])):
+                    handler(leader, {**sent, "prevLogIdx": 2, "prevLogTerm": 1, "transmission": piece, "data": data})
+            else:
+                handler(leader, {**sent, "prevLogIdx": 2, "prevLogTerm": 1, "entries": entries[1:]})
+        # the log's last entry after: pysyncobj alone drops applied entry 4 when 3 comes again in pieces
+        last = 5 if not in_pieces else 3 if cls is SyncObj else 4
+        assert [e[1:] for e in obj._SyncObj__raftLog[1:]] == [(i, 1) for i in range(2, last + 1)]
+        assert transport.sent[-1]["type"] == "next_node_idx" and transport.sent[-1]["success"]
+        assert transport.sent[-1]["next_node_idx"] == last + 1
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL]
     finally:
         obj.destroy()
 
 
-def test_pysyncobj_itself_deletes_and_cries_divergence_on_a_resend(caplog):
-    _, critical = resend_applied_entries(SyncObj, caplog)
+@pytest.mark.parametrize("in_pieces", [False, True], ids=["entries", "one-large-entry-in-pieces"])
+def test_pysyncobj_itself_deletes_and_cries_divergence_on_a_resend(caplog, in_pieces):
+    critical = resend_applied_entries(SyncObj, caplog, in_pieces)
     assert critical and "truncating already-applied" in critical[0]  # what the nodes logged: the false alarm
 
 
-def test_a_log_matching_follower_keeps_the_entries_and_stays_quiet(caplog):
-    _, critical = resend_applied_entries(LogMatchingSyncObj, caplog)
-    assert critical == []
+@pytest.mark.parametrize("in_pieces", [False, True], ids=["entries", "one-large-entry-in-pieces"])
+def test_a_log_matching_follower_keeps_the_entries_and_stays_quiet(caplog, in_pieces):
+    assert resend_applied_entries(LogMatchingSyncObj, caplog, in_pieces) == []
 
 
 @pytest.mark.parametrize("member", ["_SyncObj__raftLog", "_SyncObj__raftLastApplied"])
