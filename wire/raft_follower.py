@@ -17,11 +17,11 @@ was false. The deletion was not harmless, though: until the re-add the follower 
 acknowledged, which a commit counts on.
 
 `LogMatchingSyncObj` gives pysyncobj such a message (for an entry sent in pieces, its last piece, assembled) with the
-entries the follower holds (same index and term) taken off its head and prevLogIdx moved past them: pysyncobj then deletes from the first entry that conflicts, or
-nothing, and acknowledges the same entries as before. A conflict at an applied index is a real divergence: still
-CRITICAL.
-Only the message is changed. Should a pysyncobj release rename the members read here, messages pass unchanged (its
-own behaviour) with one warning; tests/unit/test_raft_follower.py drives the real handler and would fail.
+entries the follower holds (same index and term) taken off its head and prevLogIdx moved past them: pysyncobj then
+deletes from the first entry that conflicts, or nothing, and acknowledges the same entries as before. A conflict at
+an applied index is a real divergence: still CRITICAL. Only the message is changed. Should a pysyncobj release
+rename the members read here, messages pass unchanged (its own behaviour) with one warning;
+tests/unit/test_raft_follower.py drives the real handler and would fail.
 """
 
 from __future__ import annotations
