@@ -104,7 +104,8 @@ class Region:
         return self.processes.stop_node(node_id, timeout_s)
 
     def down(self, remove: bool = False) -> dict[str, bool]:
-        """Stop every node (per node, True if it stopped cleanly); with `remove`, delete the region directory too."""
+        """Stop every node (per node, True if it stopped cleanly), clear what nodes killed along the way left on the
+        host (sandbox networks and cgroups); with `remove`, delete the region directory too."""
         result = self.processes.stop()
         sweep_stale()  # the sandbox networks of nodes killed along the way (their tables outlive them)
         for n in self.nodes():  # and their sandboxes' cgroups, which no later start of theirs would clear
