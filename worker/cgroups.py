@@ -29,7 +29,7 @@ FREEZER_KEEPER = "keep-frozen"
 CPU_PERIOD_US = 100_000
 MB_PER_CORE = 1769  # as Lambda: a function with 1769 MB gets one full core
 SLOT_GROUP = re.compile(r"slot-\d+-\d+")  # a sandbox's group: slot-<worker pid>-<n> (worker/slots.py)
-EMPTY_WAIT_S = 2.0  # a killed sandbox's group can go only once the kernel has reaped its last process
+EMPTY_WAIT_S = 5.0  # a killed sandbox's group can go only once its last process is reaped (slow on a loaded host)
 RECORD = "sandbox-cgroups"  # in a node's data dir: the parents its worker made, for `clear_recorded`
 
 
@@ -196,8 +196,7 @@ class Cgroups:
     def close(self) -> None:
         """On a clean stop, after the sandboxes' own clean-up: whatever is left is killed and removed, the
         parents too, so nothing of this worker stays on the host."""
-        for parent in self.parent_dirs:
-            _sweep(parent)
+        _sweep(self.parent_dirs)
         if self.record is not None:
             self.record.unlink(missing_ok=True)
 
@@ -327,9 +326,7 @@ def clear_recorded(record: Path) -> None:
         parents = [Path(line) for line in record.read_text().splitlines() if line.strip()]
     except OSError:
         return  # nothing recorded: no worker ran there, or it stopped cleanly
-    for parent in parents:
-        if parent.name.startswith("flint-"):  # a worker's parent, never anything else a damaged file might name
-            _sweep(parent)
+    _sweep([p for p in parents if p.name.startswith("flint-")])  # a worker's, never what a damaged file names
     record.unlink(missing_ok=True)
 
 
@@ -338,8 +335,7 @@ def _start_clean(parents: list[Path], record: Path | None) -> str:
     whatever is under these), the parents made and recorded. The reason they could not be made, or ''."""
     if record is not None:
         clear_recorded(record)
-    for parent in parents:
-        _sweep(parent)  # the parent's name is this node's alone: no live worker has a group under it
+    _sweep(parents)  # the parents' name is this node's alone: no live worker has a group under them
     reason = _make(parents)
     if not reason and record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -347,14 +343,16 @@ def _start_clean(parents: list[Path], record: Path | None) -> str:
     return reason
 
 
-def _sweep(parent: Path) -> None:
-    """Kills what runs in the sandbox groups under `parent`, thawed (a frozen process dies only once thawed, and
+def _sweep(parents) -> None:
+    """Kills what runs in the sandbox groups under `parents`, thawed (a frozen process dies only once thawed, and
     would outlive the parent-death signal meant to end it), removes them once the kernel has reaped it, the
-    freezer's keeper too, then `parent` unless something else is left under it."""
-    try:
-        groups = [d for d in parent.iterdir() if SLOT_GROUP.fullmatch(d.name) or d.name == FREEZER_KEEPER]
-    except OSError:
-        return  # no such parent: nothing to clear
+    freezer's keeper too, then each parent unless something else is left under it."""
+    groups: list[Path] = []
+    for parent in parents:
+        try:
+            groups += [d for d in parent.iterdir() if SLOT_GROUP.fullmatch(d.name) or d.name == FREEZER_KEEPER]
+        except OSError:
+            pass  # no such parent: nothing to clear there
     for group in groups:
         freezer = next((group / f for f in ("freezer.state", "cgroup.freeze") if (group / f).exists()), None)
         kind = SandboxCgroupV1 if freezer is not None and freezer.name == "freezer.state" else SandboxCgroupV2
@@ -363,7 +361,8 @@ def _sweep(parent: Path) -> None:
     for group in groups:
         while not _rmdir(group) and time.monotonic() < deadline:
             time.sleep(0.01)
-    _rmdir(parent)  # unless a group is still busy, or something not ours is under it: left for the next start
+    for parent in parents:
+        _rmdir(parent)  # unless a group is still busy, or something not ours is under it: left for the next start
 
 
 def _rmdir(group: Path) -> bool:
