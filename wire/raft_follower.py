@@ -18,8 +18,9 @@ acknowledged, which a commit counts on.
 
 `LogMatchingSyncObj` gives pysyncobj such a message (for an entry sent in pieces, its last piece, assembled) with the
 entries the follower holds (same index and term) taken off its head and prevLogIdx moved past them: pysyncobj then
-deletes from the first entry that conflicts, or nothing, and acknowledges the same entries as before. A conflict at
-an applied index is a real divergence: still CRITICAL. Only the message is changed. Should a pysyncobj release
+deletes from the first entry that conflicts, or nothing (a re-send that stops short of the follower's log still
+drops the unapplied entries past it, as before), and acknowledges the same entries as before. A conflict at an
+applied index is a real divergence: still CRITICAL. Only the message is changed. Should a pysyncobj release
 rename the members read here, messages pass unchanged (its own behaviour) with one warning;
 tests/unit/test_raft_follower.py drives the real handler and would fail.
 """
