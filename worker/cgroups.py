@@ -198,7 +198,7 @@ class Cgroups:
         parents too, so nothing of this worker stays on the host."""
         _sweep(self.parent_dirs)
         if self.record is not None:
-            self.record.unlink(missing_ok=True)
+            clear_recorded(self.record)  # and what an earlier process left too busy to go at this one's start
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
                quota_now: bool = True) -> SandboxCgroup:
@@ -322,31 +322,34 @@ def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
 
 def clear_recorded(record: Path) -> None:
     """Clears the parents a worker's start wrote to `record`, as its `close()` would have (the node was killed)."""
-    try:
-        parents = [Path(line) for line in record.read_text().splitlines() if line.strip()]
+    if _sweep(_recorded(record)):
+        record.unlink(missing_ok=True)  # else the next start, or the region's down, tries again
+
+
+def _recorded(record: Path) -> list[Path]:
+    try:  # only a worker's parents, never what a damaged file might name
+        return [Path(p) for p in record.read_text().splitlines() if Path(p).name.startswith("flint-")]
     except OSError:
-        return  # nothing recorded: no worker ran there, or it stopped cleanly
-    _sweep([p for p in parents if p.name.startswith("flint-")])  # a worker's, never what a damaged file names
-    record.unlink(missing_ok=True)
+        return []  # nothing recorded: no worker ran there, or it stopped cleanly
 
 
 def _start_clean(parents: list[Path], record: Path | None) -> str:
     """A worker's start: what an earlier process of this node left is cleared (the parents it recorded, and
     whatever is under these), the parents made and recorded. The reason they could not be made, or ''."""
-    if record is not None:
-        clear_recorded(record)
-    _sweep(parents)  # the parents' name is this node's alone: no live worker has a group under them
+    earlier = _recorded(record) if record is not None else []
+    _sweep([*earlier, *parents])  # the parents' name is this node's alone: no live worker has a group under them
     reason = _make(parents)
     if not reason and record is not None:
+        busy = [p for p in earlier if p.exists() and p not in parents]  # cleared when this worker stops
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text("".join(f"{p}\n" for p in parents))
+        record.write_text("".join(f"{p}\n" for p in [*parents, *busy]))
     return reason
 
 
-def _sweep(parents) -> None:
+def _sweep(parents) -> bool:
     """Kills what runs in the sandbox groups under `parents`, thawed (a frozen process dies only once thawed, and
     would outlive the parent-death signal meant to end it), removes them once the kernel has reaped it, the
-    freezer's keeper too, then each parent unless something else is left under it."""
+    freezer's keeper too, then each parent unless something else is left under it. Whether all of them went."""
     groups: list[Path] = []
     for parent in parents:
         try:
@@ -362,7 +365,8 @@ def _sweep(parents) -> None:
         while not _rmdir(group) and time.monotonic() < deadline:
             time.sleep(0.01)
     for parent in parents:
-        _rmdir(parent)  # unless a group is still busy, or something not ours is under it: left for the next start
+        _rmdir(parent)  # unless a group is still busy, or something not ours is under it
+    return not any(p.exists() for p in parents)
 
 
 def _rmdir(group: Path) -> bool:

@@ -105,12 +105,13 @@ def test_v1_without_a_freezer_hierarchy_has_no_freezer(tmp_path):
     sandbox.thaw()
 
 
-def fake_v1(tmp_path: Path, worker: str = "worker") -> tuple[Path, Path]:
+def fake_v1(tmp_path: Path, worker: str = "worker", freezer: bool = True) -> tuple[Path, Path]:
     mount = tmp_path / "cgroup"
     for c in ("memory", "pids", "cpu", "freezer"):
         (mount / c / worker).mkdir(parents=True, exist_ok=True)
     self_cgroup = tmp_path / f"self_cgroup_{worker}"
-    self_cgroup.write_text(f"9:pids:/{worker}\n6:freezer:/{worker}\n4:memory:/{worker}\n2:cpu:/{worker}\n")
+    self_cgroup.write_text(f"9:pids:/{worker}\n4:memory:/{worker}\n2:cpu:/{worker}\n"
+                           + (f"6:freezer:/{worker}\n" if freezer else ""))
     return mount, self_cgroup
 
 
@@ -134,13 +135,13 @@ def test_groups_left_by_an_earlier_run_are_thawed_and_cleared_at_start(tmp_path)
 
 def test_a_start_clears_the_parents_an_earlier_start_recorded_wherever_they_were(tmp_path):
     record = tmp_path / "data" / RECORD
-    mount, first = fake_v1(tmp_path, "session-a")
+    mount, first = fake_v1(tmp_path, "session-a", freezer=False)
     host_cgroups("flint-n1", mount=mount, self_cgroup=first, record=record)
     for c in ("memory", "pids", "cpu"):  # a sandbox's groups, as the kernel leaves them once its processes died
         (mount / c / "session-a/flint-n1/slot-999999999-0").mkdir()
     assert str(mount / "memory/session-a/flint-n1") in record.read_text()
     # the node is SIGKILLed and started again from another cgroup (another session, another unit)
-    _, second = fake_v1(tmp_path, "session-b")
+    _, second = fake_v1(tmp_path, "session-b", freezer=False)
     cg = host_cgroups("flint-n1", mount=mount, self_cgroup=second, record=record)
     assert not any((mount / c / "session-a/flint-n1").exists() for c in ("memory", "pids", "cpu"))
     assert str(mount / "memory/session-b/flint-n1") in record.read_text() and "session-a" not in record.read_text()
@@ -150,6 +151,21 @@ def test_a_start_clears_the_parents_an_earlier_start_recorded_wherever_they_were
     assert not record.exists()
     assert not any((mount / c / "session-b/flint-n1").exists() for c in ("memory", "pids", "cpu"))
     clear_recorded(record)  # nothing recorded: nothing to do
+
+
+def test_a_group_that_will_not_go_stays_recorded_until_it_does(tmp_path):
+    record = tmp_path / "data" / RECORD
+    mount, first = fake_v1(tmp_path, "session-a", freezer=False)
+    host_cgroups("flint-n1", mount=mount, self_cgroup=first, record=record)
+    stuck = mount / "pids/session-a/flint-n1/slot-999999999-0"
+    stuck.mkdir()
+    (stuck / "held").write_text("")  # the kernel would not let it go yet
+    _, second = fake_v1(tmp_path, "session-b", freezer=False)
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=second, record=record)
+    assert str(stuck.parent) in record.read_text().splitlines()  # not forgotten: tried again at the stop
+    (stuck / "held").unlink()
+    cg.close()
+    assert not stuck.parent.exists() and not record.exists()
 
 
 def test_parents_are_named_per_node_and_data_dir(tmp_path):
