@@ -144,6 +144,8 @@ async def flint(code: Path, run_root: Path, n_cold: int, n_warm: int, n_idle: in
         await pool.close()
         zygote.close()
         network.close()
+        if cgroups is not None:
+            cgroups.close()  # the flint-bench-<pid> parents too
 
 
 def fresh_python(code: Path, n: int) -> list[float]:

@@ -17,6 +17,7 @@ from nodes.processes import NodeProcesses, check_free
 from wire import messages as m
 from wire.config import NodeConfig, Ports
 from wire.keys import KeyPair
+from worker.cgroups import RECORD, clear_recorded
 from worker.network import sweep_stale
 
 __all__ = ["ALL_ROLES", "DATA_ROLES", "DEFAULT_BASE_IP", "DEFAULT_TENANT", "Region", "RegionError", "plan_nodes"]
@@ -103,9 +104,12 @@ class Region:
         return self.processes.stop_node(node_id, timeout_s)
 
     def down(self, remove: bool = False) -> dict[str, bool]:
-        """Stop every node (per node, True if it stopped cleanly); with `remove`, delete the region directory too."""
+        """Stop every node (per node, True if it stopped cleanly), clear what nodes killed along the way left on the
+        host (sandbox networks and cgroups); with `remove`, delete the region directory too."""
         result = self.processes.stop()
         sweep_stale()  # the sandbox networks of nodes killed along the way (their tables outlive them)
+        for n in self.nodes():  # and their sandboxes' cgroups, which no later start of theirs would clear
+            clear_recorded(self.config(n["node_id"]).data_dir / RECORD)
         if remove:
             self.files.remove()
         return result

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj import FAIL_REASON, SyncObjConf, SyncObjConsumer, replicated
 
 from wire.config import DEFAULTS
 from wire.errors import FlintError, Reason, RequestTooLargeException, ServiceException, from_reply
 from wire.messages import RaftStatus
+from wire.raft_follower import LogMatchingSyncObj
 from wire.raft_storage import DumpFile, install_journal, journal_at
 from wire.raft_transport import COMMAND_MAX_BYTES, GuardedTransport, MiB
 
@@ -138,8 +139,8 @@ class RaftGroup:
             **RAFT_TUNING,
         )
         install_journal()  # the journal file shrinks when the log is compacted (wire/raft_storage.py)
-        self.sync = SyncObj(config.self_address, config.peers, conf, consumers=[self.machine],
-                            transportClass=GuardedTransport)  # bounds what a peer may send (wire/raft_transport.py)
+        self.sync = LogMatchingSyncObj(config.self_address, config.peers, conf, consumers=[self.machine],
+                                       transportClass=GuardedTransport)  # bounds what a peer may send
         self._journal = journal_at(journal_path)
         self.sync.addOnTickCallback(self._compact_when_big)
         log.info("raft.started", group=config.name, address=config.self_address, peers=config.peers)

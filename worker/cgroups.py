@@ -4,13 +4,20 @@ holds an idle sandbox still between invokes), on cgroup v1 or v2.
 Runs in the worker: it makes a slot's cgroups before the zygote forks the slot, which joins them itself
 (worker/zygote.py only writes its pid to the `procs_files` it is given). `host_cgroups()` picks the version this
 host has; `CgroupsV1` and `CgroupsV2` make the groups, `SandboxCgroupV1` and `SandboxCgroupV2` are one sandbox's.
+
+A worker's groups go under a parent of its own (`parent_name`), its paths recorded in the node's data dir: a start
+clears all an earlier process of the node left (a v1 path can differ between starts), `close()` leaves nothing,
+and `clear_recorded` clears a node killed and never restarted (nodes/local.py, on `down`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +28,14 @@ FREEZER = "freezer"  # v1: its own hierarchy, used when mounted; v2: cgroup.free
 FREEZER_KEEPER = "keep-frozen"
 CPU_PERIOD_US = 100_000
 MB_PER_CORE = 1769  # as Lambda: a function with 1769 MB gets one full core
+SLOT_GROUP = re.compile(r"slot-\d+-\d+")  # a sandbox's group: slot-<worker pid>-<n> (worker/slots.py)
+EMPTY_WAIT_S = 5.0  # a killed sandbox's group can go only once its last process is reaped (slow on a loaded host)
+RECORD = "sandbox-cgroups"  # in a node's data dir: the parents its worker made, for `clear_recorded`
+
+
+def parent_name(node_id: str, data_dir: Path) -> str:
+    """The parent of a node's sandboxes' groups: two local regions on one host both have an n1, never one data dir."""
+    return f"flint-{node_id}-{hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:10]}"
 
 
 def cpu_quota_us(memory_mb: int, cores: int) -> int:
@@ -170,10 +185,20 @@ class Cgroups:
     version = 0
     reason = ""  # why cgroups are not available here
     freezer = False  # whether idle sandboxes can be frozen here
+    record: Path | None = None  # where the parents' paths are written down (the node's data dir)
 
     @property
     def available(self) -> bool:
         return self.version in (1, 2)
+
+    parent_dirs: tuple[Path, ...] = ()  # the groups its sandboxes' groups go under
+
+    def close(self) -> None:
+        """On a clean stop, after the sandboxes' own clean-up: whatever is left is killed and removed, the
+        parents too, so nothing of this worker stays on the host."""
+        _sweep(self.parent_dirs)
+        if self.record is not None:
+            clear_recorded(self.record)  # and what an earlier process left too busy to go at this one's start
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
                quota_now: bool = True) -> SandboxCgroup:
@@ -195,23 +220,24 @@ class CgroupsV1(Cgroups):
 
     version = 1
 
-    def __init__(self, parents: dict[str, Path]):
+    def __init__(self, parents: dict[str, Path], record: Path | None = None):
         self.parents = parents  # controller -> the worker's group for its sandboxes
+        self.parent_dirs = tuple(parents.values())
         self.freezer = FREEZER in parents
+        self.record = record
 
     @classmethod
-    def setup(cls, parents: dict[str, Path]) -> Cgroups:
-        reason = _make(parents.values())
+    def setup(cls, parents: dict[str, Path], record: Path | None = None) -> Cgroups:
+        reason = _start_clean(list(parents.values()), record)
         if reason:
             return NoCgroups(reason)
-        _clear_stale(parents.values())
         if FREEZER in parents:
             try:
                 (parents[FREEZER] / FREEZER_KEEPER).mkdir(exist_ok=True)
                 _write(parents[FREEZER] / FREEZER_KEEPER / "freezer.state", "FROZEN")
             except OSError:
                 parents = {c: p for c, p in parents.items() if c != FREEZER}  # no freezer, then
-        return cls(parents)
+        return cls(parents, record)
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
                quota_now: bool = True) -> SandboxCgroup:
@@ -235,16 +261,18 @@ class CgroupsV2(Cgroups):
 
     version = 2
 
-    def __init__(self, parent: Path):
+    def __init__(self, parent: Path, record: Path | None = None):
         self.parent = parent  # the worker's group for its sandboxes
+        self.parent_dirs = (parent,)
         self.freezer = (parent / "cgroup.freeze").exists()
+        self.record = record
 
     @classmethod
-    def setup(cls, mount: Path, parent: Path) -> Cgroups:
+    def setup(cls, mount: Path, parent: Path, record: Path | None = None) -> Cgroups:
         available = (mount / "cgroup.controllers").read_text().split()
         if not all(c in available for c in CONTROLLERS):
             return NoCgroups(f"cgroup v2 lacks controllers {set(CONTROLLERS) - set(available)}")
-        reason = _make([parent])
+        reason = _start_clean([parent], record)
         if reason:
             return NoCgroups(reason)
         try:
@@ -252,8 +280,7 @@ class CgroupsV2(Cgroups):
             (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
         except OSError as exc:
             return NoCgroups(f"cgroup v2 controllers not delegated here ({exc.strerror})")
-        _clear_stale([parent])
-        return cls(parent)
+        return cls(parent, record)
 
     def create(self, sandbox_id: str, memory_mb: int, pids_max: int, cores: int,
                quota_now: bool = True) -> SandboxCgroup:
@@ -267,9 +294,10 @@ class CgroupsV2(Cgroups):
 
 
 def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
-                 self_cgroup: Path = Path("/proc/self/cgroup")) -> Cgroups:
+                 self_cgroup: Path = Path("/proc/self/cgroup"), record: Path | None = None) -> Cgroups:
     """The cgroups this host has, with a group `name` made under the worker's own for its sandboxes: v1 when
-    memory, pids and cpu each have their hierarchy, else v2; `NoCgroups` saying why when neither can be used."""
+    memory, pids and cpu each have their hierarchy, else v2; `NoCgroups` saying why when neither can be used.
+    `name` is this worker's alone (`parent_name`): what is under it, or under the parents `record` names, is cleared."""
     try:
         v1: dict[str, str] = {}  # controller -> our path in its hierarchy
         v2_path = None
@@ -284,38 +312,69 @@ def host_cgroups(name: str, mount: Path = Path("/sys/fs/cgroup"),
                 v1[c] = path
         if all(c in v1 and (mount / c).is_dir() for c in CONTROLLERS):
             present = [c for c in (*CONTROLLERS, FREEZER) if c in v1 and (mount / c).is_dir()]
-            return CgroupsV1.setup({c: mount / c / v1[c].lstrip("/") / name for c in present})
+            return CgroupsV1.setup({c: mount / c / v1[c].lstrip("/") / name for c in present}, record)
         if v2_path is not None and (mount / "cgroup.controllers").exists():
-            return CgroupsV2.setup(mount, mount / v2_path.lstrip("/") / name)
+            return CgroupsV2.setup(mount, mount / v2_path.lstrip("/") / name, record)
     except OSError as exc:
         return NoCgroups(f"cgroups unreadable: {exc.strerror}")
     return NoCgroups("no cgroup hierarchy with memory, pids and cpu")
 
 
-def _clear_stale(parents) -> None:
-    """Sandbox groups left by a worker process that is gone (it crashed): their processes are killed and thawed
-    (a frozen one would outlive the parent-death signal meant to end it), the groups removed once empty. A group
-    is named for the worker process that made it (slot-PID-N, worker/slots.py); a live one's are left alone (local
-    regions on one machine may share a node name)."""
+def clear_recorded(record: Path) -> None:
+    """Clears the parents a worker's start wrote to `record`, as its `close()` would have (the node was killed)."""
+    if _sweep(_recorded(record)):
+        record.unlink(missing_ok=True)  # else the next start, or the region's down, tries again
+
+
+def _recorded(record: Path) -> list[Path]:
+    try:  # only a worker's parents, never what a damaged file might name
+        return [Path(p) for p in record.read_text().splitlines() if Path(p).name.startswith("flint-")]
+    except OSError:
+        return []  # nothing recorded: no worker ran there, or it stopped cleanly
+
+
+def _start_clean(parents: list[Path], record: Path | None) -> str:
+    """A worker's start: what an earlier process of this node left is cleared (the parents it recorded, and
+    whatever is under these), the parents made and recorded. The reason they could not be made, or ''."""
+    earlier = _recorded(record) if record is not None else []
+    _sweep([*earlier, *parents])  # the parents' name is this node's alone: no live worker has a group under them
+    reason = _make(parents)
+    if not reason and record is not None:
+        busy = [p for p in earlier if p.exists() and p not in parents]  # cleared when this worker stops
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text("".join(f"{p}\n" for p in [*parents, *busy]))
+    return reason
+
+
+def _sweep(parents) -> bool:
+    """Kills what runs in the sandbox groups under `parents`, thawed (a frozen process dies only once thawed, and
+    would outlive the parent-death signal meant to end it), removes them once the kernel has reaped it, the
+    freezer's keeper too, then each parent unless something else is left under it. Whether all of them went."""
+    groups: list[Path] = []
     for parent in parents:
-        for group in [d for d in parent.iterdir() if d.is_dir() and not _owner_alive(d.name)]:
-            stale = SandboxCgroup([str(group / "cgroup.procs")], [group])
-            stale.kill_all()
-            for name, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
-                _write(group / name, thawed, optional=True)
-            stale.remove()
+        try:
+            groups += [d for d in parent.iterdir() if SLOT_GROUP.fullmatch(d.name) or d.name == FREEZER_KEEPER]
+        except OSError:
+            pass  # no such parent: nothing to clear there
+    for group in groups:
+        freezer = next((group / f for f in ("freezer.state", "cgroup.freeze") if (group / f).exists()), None)
+        kind = SandboxCgroupV1 if freezer is not None and freezer.name == "freezer.state" else SandboxCgroupV2
+        kind([str(group / "cgroup.procs")], [group], freezer).kill_all()  # each killed, then thawed
+    deadline = time.monotonic() + EMPTY_WAIT_S
+    for group in groups:
+        while not _rmdir(group) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for parent in parents:
+        _rmdir(parent)  # unless a group is still busy, or something not ours is under it
+    return not any(p.exists() for p in parents)
 
 
-def _owner_alive(group: str) -> bool:
-    m = re.fullmatch(r"slot-(\d+)-\d+", group)
-    if m is None:
-        return True  # not a sandbox's group (the freezer's keeper, say): not ours to clear
+def _rmdir(group: Path) -> bool:
+    """Removes an empty group; False only while the kernel still holds it (EBUSY: a process not yet reaped)."""
     try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
+        group.rmdir()
+    except OSError as exc:
+        return exc.errno != errno.EBUSY
     return True
 
 

@@ -30,7 +30,7 @@ from wire.messages import ReleaseOutcome
 from wire.server import Request
 from wire.tasks import Background
 from worker import isolation as iso
-from worker.cgroups import host_cgroups
+from worker.cgroups import RECORD, host_cgroups, parent_name
 from worker.network import SandboxNetwork, no_safe_network
 from worker.replies import error_json, invalid_response
 from worker.sandbox import Outcome, SandboxProcess
@@ -65,7 +65,9 @@ class WorkerService:
         self._background = Background("worker")
         self._unzipped_max_bytes = settings.unzipped_max_mb * 1024 * 1024
         self._seq = itertools.count()
-        self.cgroups = host_cgroups(f"flint-{host.node_id}") if os.geteuid() == 0 else None
+        data_dir = host.config.data_dir  # the sandboxes' cgroups under a parent of this node's alone
+        self.cgroups = (host_cgroups(parent_name(host.node_id, data_dir), record=data_dir / RECORD)
+                        if os.geteuid() == 0 else None)
         self.caps = iso.probe(self.cgroups)
         self.zygote = self._new_zygote()
         self.network = SandboxNetwork.for_node(host.config, self.caps)
@@ -113,6 +115,8 @@ class WorkerService:
             self.zygote.close()
         finally:
             self.network.close()  # even when the node's stop cancels the awaits above
+            if self.cgroups is not None:
+                self.cgroups.close()  # what the sandboxes' own clean-up left, and the parents: nothing stays
 
     # --- handlers ------------------------------------------------------------------------------------------------
 

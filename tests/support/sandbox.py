@@ -4,6 +4,7 @@ them (tests/integration/test_sandbox.py, tests/integration/test_sandbox_attacks.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from worker.slots import SlotPool
 from worker.zygote_client import Zygote
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="full isolation (namespaces, cgroups, uid) needs root")
+_harnesses = itertools.count()
 
 
 class Harness:
@@ -29,7 +31,9 @@ class Harness:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.cgroups = host_cgroups(f"flint-test-{os.getpid()}") if os.geteuid() == 0 and cgroups else None
+        # a parent per harness (its start clears what is under it), removed by close()
+        self.cgroups = (host_cgroups(f"flint-test-{os.getpid()}-{next(_harnesses)}")
+                        if os.geteuid() == 0 and cgroups else None)
         self.caps = caps or iso.probe(self.cgroups)
         self.run(self._start())
 
@@ -51,7 +55,11 @@ class Harness:
         return self.run(sb.invoke(os.urandom(4).hex(), payload, log_tail))
 
     def close(self):
-        self.run(self.pool.close())
-        self.zygote.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        try:
+            self.run(self.pool.close())
+            self.zygote.close()
+        finally:
+            if self.cgroups is not None:
+                self.cgroups.close()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)

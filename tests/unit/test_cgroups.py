@@ -5,13 +5,16 @@ import os
 from pathlib import Path
 
 from worker.cgroups import (
+    RECORD,
     CgroupsV1,
     CgroupsV2,
     NoCgroups,
     SandboxCgroupV1,
     SandboxCgroupV2,
+    clear_recorded,
     cpu_quota_us,
     host_cgroups,
+    parent_name,
 )
 
 
@@ -102,21 +105,74 @@ def test_v1_without_a_freezer_hierarchy_has_no_freezer(tmp_path):
     sandbox.thaw()
 
 
-def test_groups_left_by_an_earlier_run_are_thawed_at_start(tmp_path):
+def fake_v1(tmp_path: Path, worker: str = "worker", freezer: bool = True) -> tuple[Path, Path]:
     mount = tmp_path / "cgroup"
     for c in ("memory", "pids", "cpu", "freezer"):
-        (mount / c / "worker" / "flint-n1" / "slot-999999999-1").mkdir(parents=True)
-    live = mount / "freezer/worker/flint-n1" / f"slot-{os.getpid()}-1" / "freezer.state"  # a live worker's
-    live.parent.mkdir()
-    live.write_text("FROZEN")
-    stale = mount / "freezer/worker/flint-n1/slot-999999999-1/freezer.state"  # made by a worker gone
-    stale.write_text("FROZEN")  # its processes would never die of their parent's death signal
-    self_cgroup = tmp_path / "self_cgroup"
-    self_cgroup.write_text("9:pids:/worker\n6:freezer:/worker\n4:memory:/worker\n2:cpu:/worker\n")
+        (mount / c / worker).mkdir(parents=True, exist_ok=True)
+    self_cgroup = tmp_path / f"self_cgroup_{worker}"
+    self_cgroup.write_text(f"9:pids:/{worker}\n4:memory:/{worker}\n2:cpu:/{worker}\n"
+                           + (f"6:freezer:/{worker}\n" if freezer else ""))
+    return mount, self_cgroup
+
+
+def test_groups_left_by_an_earlier_run_are_thawed_and_cleared_at_start(tmp_path):
+    mount, self_cgroup = fake_v1(tmp_path)
+    # an earlier process of this node, SIGKILLed: its pid is anyone's by now (here: ours), its groups all stale
+    for group in ("slot-999999999-1", f"slot-{os.getpid()}-1"):
+        for c in ("memory", "pids", "cpu"):
+            (mount / c / "worker" / "flint-n1" / group).mkdir(parents=True)
+        state = mount / "freezer/worker/flint-n1" / group / "freezer.state"
+        state.parent.mkdir(parents=True)
+        state.write_text("FROZEN")  # its processes would never die of their parent's death signal
     cg = host_cgroups("flint-n1", mount=mount, self_cgroup=self_cgroup)
-    assert isinstance(cg, CgroupsV1) and stale.read_text() == "THAWED"
-    assert live.read_text() == "FROZEN"  # another region's worker on this machine: left alone
+    assert isinstance(cg, CgroupsV1)
+    for group in ("slot-999999999-1", f"slot-{os.getpid()}-1"):
+        for c in ("memory", "pids", "cpu"):  # a real cgroupfs removes the group; here rmdir only empties it
+            assert not (mount / c / "worker" / "flint-n1" / group).exists()
+        assert (mount / "freezer/worker/flint-n1" / group / "freezer.state").read_text() == "THAWED"
     assert (mount / "freezer/worker/flint-n1/keep-frozen/freezer.state").read_text() == "FROZEN"
+
+
+def test_a_start_clears_the_parents_an_earlier_start_recorded_wherever_they_were(tmp_path):
+    record = tmp_path / "data" / RECORD
+    mount, first = fake_v1(tmp_path, "session-a", freezer=False)
+    host_cgroups("flint-n1", mount=mount, self_cgroup=first, record=record)
+    for c in ("memory", "pids", "cpu"):  # a sandbox's groups, as the kernel leaves them once its processes died
+        (mount / c / "session-a/flint-n1/slot-999999999-0").mkdir()
+    assert str(mount / "memory/session-a/flint-n1") in record.read_text()
+    # the node is SIGKILLed and started again from another cgroup (another session, another unit)
+    _, second = fake_v1(tmp_path, "session-b", freezer=False)
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=second, record=record)
+    assert not any((mount / c / "session-a/flint-n1").exists() for c in ("memory", "pids", "cpu"))
+    assert str(mount / "memory/session-b/flint-n1") in record.read_text() and "session-a" not in record.read_text()
+    for c in ("memory", "pids", "cpu"):
+        (mount / c / "session-b/flint-n1/slot-999999999-1").mkdir()
+    cg.close()  # a clean stop leaves nothing, the parents included
+    assert not record.exists()
+    assert not any((mount / c / "session-b/flint-n1").exists() for c in ("memory", "pids", "cpu"))
+    clear_recorded(record)  # nothing recorded: nothing to do
+
+
+def test_a_group_that_will_not_go_stays_recorded_until_it_does(tmp_path):
+    record = tmp_path / "data" / RECORD
+    mount, first = fake_v1(tmp_path, "session-a", freezer=False)
+    host_cgroups("flint-n1", mount=mount, self_cgroup=first, record=record)
+    stuck = mount / "pids/session-a/flint-n1/slot-999999999-0"
+    stuck.mkdir()
+    (stuck / "held").write_text("")  # the kernel would not let it go yet
+    _, second = fake_v1(tmp_path, "session-b", freezer=False)
+    cg = host_cgroups("flint-n1", mount=mount, self_cgroup=second, record=record)
+    assert str(stuck.parent) in record.read_text().splitlines()  # not forgotten: tried again at the stop
+    (stuck / "held").unlink()
+    cg.close()
+    assert not stuck.parent.exists() and not record.exists()
+
+
+def test_parents_are_named_per_node_and_data_dir(tmp_path):
+    a, b = parent_name("n1", tmp_path / "a" / "n1"), parent_name("n1", tmp_path / "b" / "n1")
+    assert a != b and a.startswith("flint-n1-") and b.startswith("flint-n1-")
+    assert parent_name("n1", tmp_path / "a" / "n1") == a  # stable: a restart finds what it left
+    assert parent_name("n2", tmp_path / "a" / "n1") != a
 
 
 def test_v2_freezes_through_cgroup_freeze_where_the_kernel_has_it(tmp_path):
