@@ -126,6 +126,7 @@ class Invoker:
     async def _execute(self, config: m.FunctionConfig, request_id: str, payload: bytes, log_tail: bool,
                        not_after_ms: int, attempt: str | None) -> m.InvokeResult:
         plan = InvokePlan(config.function_id, self.managers_down)
+        key = config.key  # the sandbox pool this invoke draws on (a hash: made once)
         while True:
             await self.view.refresh()
             managers = {n.node_id: node_endpoint(n, "manager") for n in self.view.healthy("manager")}
@@ -141,35 +142,35 @@ class Invoker:
                 log.warning("manager.unreachable", manager=manager, **error_fields(err))
                 plan.manager_unreachable(manager, err.reason, time.monotonic())
                 continue
-            run = m.Run(sandbox_id=res.sandbox_id, request_id=request_id, function_key=config.key,
+            run = m.Run(sandbox_id=res.sandbox_id, request_id=request_id, function_key=key,
                         log_tail=log_tail, not_after_ms=not_after_ms, payload=payload)
             try:
                 out = await self.workers.run(res.endpoint, run, config.timeout_s)
             except PeerUnavailable as err:
                 not_sent = err.reason == Reason.NOT_SENT
-                self._release(manager, config, res, request_id,
+                self._release(manager, key, res, request_id,
                               ReleaseOutcome.NOT_SENT if not_sent else ReleaseOutcome.NODE_FAILED)
                 plan.host_unreachable(res.node_id, err.reason, err.message)  # raises unless it may go elsewhere
                 log.warning("invoke.retrying_elsewhere", failed_node=res.node_id, **error_fields(err))
                 continue
             except (ResourceNotFoundException, ResourceConflictException) as err:
                 # the worker no longer has that sandbox (reaped, crashed) or it is busy: nothing ran; go again
-                self._release(manager, config, res, request_id, ReleaseOutcome.GONE)
+                self._release(manager, key, res, request_id, ReleaseOutcome.GONE)
                 log.info("invoke.sandbox_stale", **error_fields(err))
                 continue
             except FlintError as err:  # the worker refused or ended the run: the manager hears what became of it
                 gone = err.reason == Reason.SANDBOX_RECLAIMED
-                self._release(manager, config, res, request_id, ReleaseOutcome.GONE if gone else ReleaseOutcome.OK)
+                self._release(manager, key, res, request_id, ReleaseOutcome.GONE if gone else ReleaseOutcome.OK)
                 raise
-            self._release(manager, config, res, request_id,
+            self._release(manager, key, res, request_id,
                           ReleaseOutcome.OK if out.sandbox_alive else ReleaseOutcome.GONE)
             return m.InvokeResult(status_code=200, request_id=request_id, executed_version=out.executed_version,
                                   function_error=out.function_error, log_tail=out.log_tail, cold_start=res.cold,
                                   payload=out.payload)
 
-    def _release(self, manager: str, config: m.FunctionConfig, res: m.Reservation, request_id: str,
+    def _release(self, manager: str, key: str, res: m.Reservation, request_id: str,
                  outcome: ReleaseOutcome) -> None:
-        release = m.ManagerRelease(function_key=config.key, sandbox_id=res.sandbox_id, request_id=request_id,
+        release = m.ManagerRelease(function_key=key, sandbox_id=res.sandbox_id, request_id=request_id,
                                    outcome=outcome)
         self._background.spawn(self.managers.release(manager, release), name="manager-release")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from typing import Any
 
 from wire.schema import (
@@ -178,13 +177,14 @@ class FunctionConfig(Message):
     def key(self) -> str:
         """The sandbox pool key: sandboxes are shared only by invokes of exactly this code and configuration. A
         change of any setting a sandbox is built with, or a delete and re-create, makes a new key."""
-        built_with = [getattr(self, f) for f in SANDBOX_FIELDS]
-        digest = hashlib.blake2b(json.dumps(built_with, sort_keys=True).encode(), digest_size=8).hexdigest()
-        return f"{self.function_id}/{digest}"
+        built_with = (self.handler, str(self.runtime), self.memory_mb, float(self.timeout_s),
+                      sorted(self.environment.items()), self.network, self.code_sha256, self.created_ms)
+        digest = hashlib.blake2b(repr(built_with).encode(), digest_size=8).hexdigest()
+        return f"{self.tenant}/{self.name}/{self.version}/{digest}"
 
 
 SANDBOX_FIELDS = ("handler", "runtime", "memory_mb", "timeout_s", "environment", "network", "code_sha256",
-                  "created_ms")  # what a sandbox is built with: a change of any makes new sandboxes
+                  "created_ms")  # what a sandbox is built with (FunctionConfig.key): a change of any makes new sandboxes
 
 
 @message()
