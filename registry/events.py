@@ -203,7 +203,7 @@ class EventQueue:
         for order in list(self._dead_letters.values()):
             while order:
                 event = self.events[next(iter(order))]
-                if now - (event.settled_at or now) <= self.limits.dlq_retention_s:
+                if now - _settled(event, now) <= self.limits.dlq_retention_s:
                     break
                 self._forget(event)
                 gone += 1
@@ -230,7 +230,7 @@ class EventQueue:
         if self._finished and (now - self._finished[0][0] > self.limits.done_retention_s
                                or len(self.events) >= MAX_EVENTS // 2):
             return True
-        return any(now - (self.events[next(iter(order))].settled_at or now) > self.limits.dlq_retention_s
+        return any(now - _settled(self.events[next(iter(order))], now) > self.limits.dlq_retention_s
                    for order in self._dead_letters.values())
 
     def payload(self, event_id: str) -> bytes | None:
@@ -327,3 +327,8 @@ def _add(book: dict[str, int], tenant: str, delta: int) -> None:
 
 def _size(n: int) -> str:
     return f"{n / MiB:.1f} MB" if n >= MiB // 10 else f"{n / 1024:.0f} KB"
+
+
+def _settled(event: Event, now: float) -> float:
+    """When an event was settled (a time of 0 is a time, not "never")."""
+    return event.settled_at if event.settled_at is not None else now
