@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import time
+import uuid
 
 import structlog
 
@@ -82,7 +83,7 @@ class Invoker:
         # function's manager starts one request id for one attempt only, so a retry after a lost frontend cannot
         # run the function a second time.
         digest = scoped_id(tenant, msg.op, req.id)
-        request_id = f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:28]}"
+        request_id = str(uuid.UUID(digest))  # shaped as a uuid, as Lambda request ids are
         return await self.run(tenant, config, request_id, payload, msg.log_tail, attempt=new_request_id())
 
     async def resolve(self, tenant: str, name: str, qualifier: str | None) -> m.FunctionConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -175,6 +176,7 @@ def test_every_invocation_type_returns_what_lambda_returns(alice, tmp_path):
     sync = alice.invoke("counter", {"name": "sync"}, log_tail=True)
     assert sync.status_code == 200 and sync.function_error is None and sync.executed_version == "$LATEST"
     assert sync.json()["invocations"] == 1 and "greeting sync" in sync.log_tail
+    assert sync.json()["request_id"] == sync.request_id == str(uuid.UUID(sync.request_id))  # a uuid, as Lambda's
     dry = alice.invoke("counter", {}, invocation_type="DryRun")
     assert dry.status_code == 204 and dry.payload == b""
     assert alice.invoke("counter", {}).json()["invocations"] == 2  # the dry run ran nothing
