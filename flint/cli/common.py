@@ -35,8 +35,8 @@ def usage(parser: argparse.ArgumentParser) -> int:
 
 
 def add_dir(parser: argparse.ArgumentParser) -> None:
-    """--dir: the local region an operator command acts on."""
-    parser.add_argument("--dir", type=Path, default=DEFAULT_REGION_DIR, help=REGION_HELP)
+    """--dir (or --region, as the other commands spell it): the local region an operator command acts on."""
+    parser.add_argument("--dir", "--region", dest="dir", type=Path, default=DEFAULT_REGION_DIR, help=REGION_HELP)
 
 
 def add_region_and_key(parser: argparse.ArgumentParser, key_help: str = KEY_HELP) -> None:
